@@ -1,0 +1,29 @@
+# Two entry points (see README, Quick start):
+#   make demo  -> create .venv, install, train the default synthetic config, evaluate, draw predictions
+#   make test  -> create .venv, install, run the test suite
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+WORKDIR ?= runs/demo
+
+.PHONY: venv demo test bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+demo: venv
+	$(PY) -m ssdjax.demo --workdir=$(WORKDIR)
+
+test: venv
+	$(PY) -m pytest -q -n 2 --dist loadfile tests
+
+bench: venv
+	$(PY) benchmarks/train_step.py
+
+clean:
+	rm -rf $(VENV) runs

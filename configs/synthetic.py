@@ -1,0 +1,45 @@
+r"""The default experiment: a small SSD trained from scratch on the built-in synthetic shapes data.
+
+Runs on a laptop CPU in minutes; this is what `make demo` trains and what the tests exercise.
+
+  python -m ssdjax.main --config=configs/synthetic.py --workdir=runs/synthetic
+"""
+
+from configs import ssd300_voc
+
+SHAPE_CLASSES = ("circle", "square", "triangle", "cross")
+
+
+def get_config():
+  c = ssd300_voc.get_config()
+  c.image_size = 128
+  c.class_names = SHAPE_CLASSES
+  c.num_classes = len(SHAPE_CLASSES) + 1
+  a = c.anchors
+  a.feature_sizes = (16, 8, 4, 2, 1)
+  a.steps = (8, 16, 32, 64, 128)
+  a.min_sizes = (10, 24, 44, 72, 100)
+  a.max_sizes = (24, 44, 72, 100, 128)
+  a.aspect_ratios = ((2,), (2,), (2,), (2,), (2,))
+  c.model.backbone = "tiny"
+  c.model.backbone_kwargs = {"width": 32}
+  c.data.source = "synthetic"
+  c.data.train = ("train",)
+  c.data.eval = "val"
+  c.data.max_boxes = 8
+  c.data.mean_rgb = (127.5, 127.5, 127.5)
+  c.data.std_rgb = (64.0, 64.0, 64.0)
+  c.data.synthetic.num_classes = len(SHAPE_CLASSES)
+  c.optimizer.name = "adam"
+  c.optimizer.learning_rate = 3e-3
+  c.optimizer.weight_decay = 0.0
+  c.optimizer.schedule = "cosine"
+  c.optimizer.warmup_steps = 100
+  c.train.batch_size = 32
+  c.train.num_steps = 2000
+  c.train.log_every = 50
+  c.train.eval_every = 1000
+  c.train.checkpoint_every = 500
+  c.eval.batch_size = 50
+  c.eval.metrics = ("voc07", "voc", "coco")
+  return c
