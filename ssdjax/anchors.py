@@ -42,10 +42,16 @@ def _check(image_size, feature_sizes, steps, min_sizes, max_sizes, aspect_ratios
       raise ValueError(f"anchors level {i}: feature_size={f}, step={s}, min_size={mn} must be positive")
     if max_sizes and max_sizes[i] < mn:
       raise ValueError(f"anchors level {i}: max_size {max_sizes[i]} < min_size {mn}")
+    seen = []
     for ar in aspect_ratios[i]:
       if ar <= 0 or ar == 1:
         raise ValueError(f"anchors.aspect_ratios[{i}] contains {ar}; ratios must be > 0 and != 1 "
                          "(the square boxes are always present)")
+      # Caffe drops a ratio already in the list (flips included); repeating it would add boxes.
+      if any(abs(ar - r) < 1e-6 or abs(1.0 / ar - r) < 1e-6 for r in seen):
+        raise ValueError(f"anchors.aspect_ratios[{i}] = {tuple(aspect_ratios[i])} repeats {ar} or "
+                         "its flip 1/ar; list each ratio once (its flip is always added)")
+      seen.append(ar)
 
 
 def default_boxes(image_size: int,
