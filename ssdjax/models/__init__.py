@@ -1,0 +1,10 @@
+"""Stateless Flax Linen models: ``SSD`` = backbone (``backbones``) + prediction head (``heads``).
+
+Parameters are plain pytrees (``model.init`` -> ``{'params'[, 'batch_stats']}``), so they shard,
+checkpoint and pass through ``jit`` / ``vmap`` / ``grad`` directly.
+"""
+
+from ssdjax.models import backbones, heads
+from ssdjax.models.ssd import SSD, from_config
+
+__all__ = ["SSD", "backbones", "from_config", "heads"]
