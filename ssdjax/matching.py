@@ -1,0 +1,239 @@
+"""Anchor matching: which ground-truth box (if any) each anchor is trained to predict.
+
+Everything works on ONE image with padded ground truth and static shapes; :func:`batch_match` and
+:func:`batch_targets` ``jax.vmap`` it over a batch (the anchors are shared).
+
+Inputs, for one image:
+
+* ``gt_boxes``: [G, 4] xyxy, normalized, padded to G (``config.data.max_boxes``).
+* ``gt_labels``: [G] int, 1..C-1 for objects, 0 for padding.
+* ``gt_mask``: [G] bool, True for real boxes.
+* ``anchors``: [A, 4] cxcywh, normalized (``ssdjax.anchors.default_boxes``).
+
+A gt box takes part in matching when ``gt_mask`` is True and its label is > 0; padded slots never
+match, whatever coordinates they hold (NaN included).
+
+Strategies (``config.matching.strategy``):
+
+* ``"bipartite"``: Caffe SSD's ``MatchBBox`` with ``match_type: PER_PREDICTION``, the matching of
+  the paper. First a greedy bipartite step: up to G times, take the globally best (gt, anchor) pair
+  among gts not yet matched and anchors not yet taken and assign it, so every gt owns a distinct
+  anchor. As in Caffe only overlaps > 1e-6 count, so a gt that overlaps no free anchor gets no
+  forced match; exact ties go to the lower anchor index, then the lower gt index (Caffe's loop
+  order). Then every anchor still unmatched goes to its best gt if that IoU >= ``iou_threshold``.
+* ``"per_gt_best"``: torchvision's ``SSDMatcher``. Every anchor goes to its best gt if that IoU >=
+  ``iou_threshold`` (ties -> lower gt index); then every gt forces its own best anchor (ties -> lower
+  anchor index) to itself. Two gts can share the same best anchor, and then only one keeps it: here
+  the gt with the higher IoU to that anchor (ties -> lower gt index), so the result does not depend
+  on the order of the gts (torchvision lets the last-written gt win, which does). Unlike
+  torchvision, a gt that overlaps no anchor at all (e.g. a zero-area box) forces nothing, instead
+  of claiming anchor 0.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from ssdjax import boxes as box_lib
+
+# Caffe's MatchBBox only records overlaps above this; pairs at or below it never match.
+_MIN_OVERLAP = 1e-6
+
+
+def _match_bipartite(iou, valid, iou_threshold):
+  """iou: [G, A] (-1 where the gt is invalid), valid: [G] -> matched_idx [A] int32."""
+  num_gt, num_anchors = iou.shape
+  k = min(num_gt, num_anchors)
+  overlap = jnp.where(iou > _MIN_OVERLAP, iou, -1.0)  # [G, A]
+  # The other gts take at most G - 1 anchors, so a gt's best free anchor is always among its k best
+  # (top_k puts lower indices first on ties): the greedy loop only needs this [G, K] slice.
+  cand_iou, cand_anchor = lax.top_k(overlap, k)  # [G, K]
+  # Exact ties go to the lower anchor, then the lower gt: the order of Caffe's loops.
+  tie_key = cand_anchor * num_gt + jnp.arange(num_gt)[:, None]  # [G, K]
+  no_key = num_anchors * num_gt
+
+  def body(_, state):
+    matched_idx, gt_free = state  # [A], [G]
+    anchor_free = matched_idx[cand_anchor] < 0  # [G, K]
+    cand = jnp.where(gt_free[:, None] & anchor_free, cand_iou, -1.0)  # [G, K]
+    best = jnp.max(cand)
+    flat = jnp.argmin(jnp.where(cand == best, tie_key, no_key))
+    g, a = flat // k, cand_anchor.reshape(-1)[flat]
+    found = best > 0
+    # Once nothing is found the state stops changing: the same as Caffe's early break.
+    matched_idx = matched_idx.at[a].set(jnp.where(found, g, matched_idx[a]).astype(jnp.int32))
+    gt_free = gt_free.at[g].set(gt_free[g] & ~found)
+    return matched_idx, gt_free
+
+  init = (jnp.full((num_anchors,), -1, jnp.int32), valid)
+  matched_idx, _ = lax.fori_loop(0, num_gt, body, init)
+
+  best_gt = jnp.argmax(iou, axis=0).astype(jnp.int32)  # [A], ties -> lower gt index
+  best_iou = jnp.max(iou, axis=0)  # [A]
+  by_threshold = (best_iou >= iou_threshold) & (best_iou > _MIN_OVERLAP)
+  return jnp.where((matched_idx < 0) & by_threshold, best_gt, matched_idx)
+
+
+def _match_per_gt_best(iou, valid, iou_threshold):
+  """iou: [G, A] (-1 where the gt is invalid), valid: [G] -> matched_idx [A] int32."""
+  num_anchors = iou.shape[1]
+  best_gt = jnp.argmax(iou, axis=0).astype(jnp.int32)  # [A]
+  best_iou = jnp.max(iou, axis=0)  # [A]
+  matched_idx = jnp.where(best_iou >= iou_threshold, best_gt, -1)  # [A]
+
+  best_anchor = jnp.argmax(iou, axis=1)  # [G], ties -> lower anchor index
+  forces = valid & (jnp.max(iou, axis=1) > 0)  # [G]
+  claims = forces[:, None] & (best_anchor[:, None] == jnp.arange(num_anchors)[None, :])  # [G, A]
+  # Among gts claiming the same anchor the one with the higher IoU wins (argmax: ties -> lower gt).
+  winner = jnp.argmax(jnp.where(claims, iou, -2.0), axis=0).astype(jnp.int32)  # [A]
+  return jnp.where(claims.any(axis=0), winner, matched_idx)
+
+
+_STRATEGIES = {
+    "bipartite": _match_bipartite,
+    "per_gt_best": _match_per_gt_best,
+}
+
+
+def names() -> list[str]:
+  """The matching strategies ``match`` accepts."""
+  return sorted(_STRATEGIES)
+
+
+def _check_args(gt_boxes, gt_labels, gt_mask, anchors, iou_threshold, strategy, batched=False):
+  if strategy not in _STRATEGIES:
+    raise ValueError(f"Unknown matching strategy {strategy!r}; valid names: {names()}")
+  if isinstance(iou_threshold, (int, float)) and not 0.0 <= iou_threshold <= 1.0:
+    raise ValueError(f"matching iou_threshold must be in [0, 1], got {iou_threshold}")
+  lead = "B, " if batched else ""
+  g_shape = jnp.shape(gt_boxes)[:-1]
+  if jnp.ndim(gt_boxes) != 2 + batched or jnp.shape(gt_boxes)[-1] != 4 or g_shape[-1] == 0:
+    raise ValueError(f"gt_boxes must have shape [{lead}G, 4] (xyxy, normalized) with G >= 1 padded "
+                     f"slots; got {jnp.shape(gt_boxes)}")
+  for name, arr in (("gt_labels", gt_labels), ("gt_mask", gt_mask)):
+    if jnp.shape(arr) != g_shape:
+      raise ValueError(f"{name} must have shape [{lead}G] = {g_shape} to match gt_boxes; "
+                       f"got {jnp.shape(arr)}")
+  if jnp.ndim(anchors) != 2 or jnp.shape(anchors)[-1] != 4:
+    raise ValueError(f"anchors must have shape [A, 4] (cxcywh, normalized); got {jnp.shape(anchors)}")
+
+
+def _iou_matrix(gt_boxes, gt_labels, gt_mask, anchors):
+  """IoU [G, A] of every gt with every anchor, -1 in rows of invalid gts; and valid [G]."""
+  valid = jnp.asarray(gt_mask, bool) & (jnp.asarray(gt_labels) > 0)  # [G]
+  anchors_xyxy = box_lib.cxcywh_to_xyxy(jnp.asarray(anchors, jnp.float32))  # [A, 4]
+  iou = box_lib.iou(jnp.asarray(gt_boxes, jnp.float32), anchors_xyxy)  # [G, A]
+  return jnp.where(valid[:, None], iou, -1.0), valid
+
+
+def match(gt_boxes, gt_labels, gt_mask, anchors, *, iou_threshold: float = 0.5,
+          strategy: str = "bipartite"):
+  """Matches the anchors of one image to its ground truth (see the module docstring).
+
+  Args:
+    gt_boxes: [G, 4] xyxy, normalized, padded.
+    gt_labels: [G] int, 0 = padding.
+    gt_mask: [G] bool, True for real boxes.
+    anchors: [A, 4] cxcywh, normalized.
+    iou_threshold: an anchor whose best IoU reaches this is matched to that gt.
+    strategy: ``"bipartite"`` or ``"per_gt_best"``.
+
+  Returns:
+    matched_idx: [A] int32, index into the G gts, -1 for background.
+    matched_iou: [A] float32, IoU of the anchor with its matched gt; for background anchors, its
+      best IoU over the valid gts (0 if there are none), as Caffe's ``match_overlaps``.
+  """
+  _check_args(gt_boxes, gt_labels, gt_mask, anchors, iou_threshold, strategy)
+  iou, valid = _iou_matrix(gt_boxes, gt_labels, gt_mask, anchors)  # [G, A], [G]
+  matched_idx = _STRATEGIES[strategy](iou, valid, iou_threshold)  # [A]
+  at_match = jnp.take_along_axis(iou, jnp.maximum(matched_idx, 0)[None, :], axis=0)[0]  # [A]
+  best = jnp.max(iou, axis=0, initial=0.0)  # [A]
+  matched_iou = jnp.where(matched_idx >= 0, at_match, best)
+  return matched_idx.astype(jnp.int32), matched_iou.astype(jnp.float32)
+
+
+def targets(gt_boxes, gt_labels, gt_mask, anchors, *, iou_threshold: float = 0.5,
+            strategy: str = "bipartite", variances: Sequence[float] = (0.1, 0.2)):
+  """Training targets for one image.
+
+  Args: as :func:`match`, plus ``variances`` for :func:`ssdjax.boxes.encode`.
+
+  Returns:
+    loc_targets: [A, 4] float32, ``boxes.encode(matched gt box, anchors, variances)``; 0 for
+      background anchors.
+    cls_targets: [A] int32, the matched gt's label; 0 (background) for background anchors.
+  """
+  matched_idx, _ = match(gt_boxes, gt_labels, gt_mask, anchors, iou_threshold=iou_threshold,
+                         strategy=strategy)
+  anchors = jnp.asarray(anchors, jnp.float32)
+  positive = matched_idx >= 0  # [A]
+  safe_idx = jnp.maximum(matched_idx, 0)
+  # Background anchors encode themselves, so padded slots (whatever they hold) never reach the log.
+  matched_boxes = jnp.where(positive[:, None], jnp.asarray(gt_boxes, jnp.float32)[safe_idx],
+                            box_lib.cxcywh_to_xyxy(anchors))  # [A, 4] xyxy
+  loc = box_lib.encode(matched_boxes, anchors, tuple(variances))  # [A, 4]
+  loc_targets = jnp.where(positive[:, None], loc, 0.0)
+  cls_targets = jnp.where(positive, jnp.asarray(gt_labels, jnp.int32)[safe_idx], 0)
+  return loc_targets.astype(jnp.float32), cls_targets.astype(jnp.int32)
+
+
+def batch_match(gt_boxes, gt_labels, gt_mask, anchors, *, iou_threshold: float = 0.5,
+                strategy: str = "bipartite"):
+  """:func:`match` over a batch: gt arrays [B, G, ...], anchors [A, 4] -> ([B, A], [B, A])."""
+  _check_args(gt_boxes, gt_labels, gt_mask, anchors, iou_threshold, strategy, batched=True)
+  fn = lambda b, l, m: match(b, l, m, anchors, iou_threshold=iou_threshold, strategy=strategy)
+  return jax.vmap(fn)(gt_boxes, gt_labels, gt_mask)
+
+
+def batch_targets(gt_boxes, gt_labels, gt_mask, anchors, *, iou_threshold: float = 0.5,
+                  strategy: str = "bipartite", variances: Sequence[float] = (0.1, 0.2)):
+  """:func:`targets` over a batch: gt arrays [B, G, ...] -> loc [B, A, 4] float32, cls [B, A] int32."""
+  _check_args(gt_boxes, gt_labels, gt_mask, anchors, iou_threshold, strategy, batched=True)
+  fn = lambda b, l, m: targets(b, l, m, anchors, iou_threshold=iou_threshold, strategy=strategy,
+                               variances=variances)
+  return jax.vmap(fn)(gt_boxes, gt_labels, gt_mask)
+
+
+def from_config(config) -> dict:
+  """Keyword arguments of :func:`targets` / :func:`batch_targets` for an experiment config.
+
+  ``batch_targets(boxes, labels, mask, anchors, **matching.from_config(config))``.
+  """
+  return dict(iou_threshold=float(config.matching.iou_threshold),
+              strategy=str(config.matching.strategy),
+              variances=tuple(float(v) for v in config.anchors.variances))
+
+
+def match_stats(gt_boxes, gt_labels, gt_mask, anchors, *, iou_threshold: float = 0.5,
+                strategy: str = "bipartite") -> dict:
+  """How well a set of anchors covers a batch of ground truth (for anchor research). Jit-able.
+
+  Args: as :func:`batch_match` (gt arrays [B, G, ...], anchors [A, 4] cxcywh).
+
+  Returns:
+    dict of float32 scalars over all valid gts of the batch:
+      ``num_gt``: number of valid gts;
+      ``matched_gt_fraction``: fraction of them that got at least one anchor;
+      ``positives_per_gt``: mean number of anchors matched to a gt;
+      ``best_iou``: mean over gts of the best IoU with any anchor (whether matched or not).
+    Ratios are 0 when the batch has no valid gt.
+  """
+  _check_args(gt_boxes, gt_labels, gt_mask, anchors, iou_threshold, strategy, batched=True)
+  matched_idx, _ = batch_match(gt_boxes, gt_labels, gt_mask, anchors, iou_threshold=iou_threshold,
+                               strategy=strategy)  # [B, A]
+  num_gt_slots = jnp.shape(gt_boxes)[1]
+  iou, valid = jax.vmap(_iou_matrix, in_axes=(0, 0, 0, None))(gt_boxes, gt_labels, gt_mask, anchors)
+  per_gt = jax.nn.one_hot(matched_idx, num_gt_slots, dtype=jnp.float32).sum(axis=1)  # [B, G]
+  validf = valid.astype(jnp.float32)  # [B, G]
+  num_gt = validf.sum()
+  denom = jnp.maximum(num_gt, 1.0)
+  return {
+      "num_gt": num_gt,
+      "matched_gt_fraction": ((per_gt > 0) * validf).sum() / denom,
+      "positives_per_gt": (per_gt * validf).sum() / denom,
+      "best_iou": (jnp.max(iou, axis=2) * validf).sum() / denom,
+  }
