@@ -1,0 +1,495 @@
+"""Training and evaluation: one sharded loop for 1 CPU, N GPUs or a TPU slice.
+
+``train_and_evaluate(config, workdir)`` reads top to bottom: mesh -> input -> model and optimizer ->
+shardings and state -> train step -> checkpoints -> evaluation -> loop. The state is a plain dict
+``{params, batch_stats, opt, step, nonfinite, first_nonfinite}``, replicated over a 1-D ``data`` mesh
+axis; batches are split over that axis. The train step is jitted once with donated state.
+
+Every workdir holds what is needed to reproduce a number: ``config.json``, ``anchors.npy``,
+``version.json`` (package version and git commit), ``metrics.jsonl``, TensorBoard events and orbax
+checkpoints (state + input iterator position) under ``checkpoints/``.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import subprocess
+import time
+from typing import Any, Iterator
+
+from absl import logging
+import chex
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+
+import ssdjax
+from ssdjax import anchors as anchors_lib
+from ssdjax import evaluation
+from ssdjax import losses
+from ssdjax import matching
+from ssdjax import models
+from ssdjax import postprocess
+
+# ----------------------------------------------------------------------------------------------
+# Configuration checks and workdir records.
+# ----------------------------------------------------------------------------------------------
+def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
+  """Stops a bad config before anything is compiled, naming the field and the fix."""
+  models.from_config(config)  # names, kwargs and compute dtype of backbone and head
+  losses.get(config.loss.type)
+  if config.num_classes != len(config.class_names) + 1:
+    raise ValueError(
+        f"config.num_classes={config.num_classes} but config.class_names has {len(config.class_names)} "
+        "names; num_classes counts the background, so it must be len(class_names) + 1")
+  for field in ("train.batch_size", "eval.batch_size"):
+    section, name = field.split(".")
+    value = config[section][name]
+    if value <= 0 or value % num_devices:
+      raise ValueError(f"config.{field}={value} must be a positive multiple of the device count "
+                       f"({num_devices}): the batch is split evenly over the 'data' mesh axis")
+  anchors_lib.from_config(config)  # raises on inconsistent anchor fields
+
+
+def _git_commit() -> str | None:
+  here = os.path.dirname(os.path.abspath(__file__))
+  try:
+    out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
+                         timeout=5, check=True)
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                           capture_output=True, text=True, timeout=5).stdout.strip()
+    return out.stdout.strip() + ("-dirty" if dirty else "")
+  except (OSError, subprocess.SubprocessError):
+    return None
+
+
+def write_run_records(config: ml_collections.ConfigDict, workdir: str, anchors: np.ndarray) -> None:
+  """Saves the exact config, anchors and code version next to the checkpoints."""
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, "config.json")
+  new = config.to_json_best_effort(indent=2, sort_keys=True)
+  if os.path.exists(path):
+    with open(path) as f:
+      old = f.read()
+    if old != new:
+      # A resumed run with a changed config is allowed (e.g. more steps) but never silent.
+      logging.warning("config differs from the one saved in %s; the old one is kept as config.prev.json",
+                      path)
+      with open(os.path.join(workdir, "config.prev.json"), "w") as f:
+        f.write(old)
+  with open(path, "w") as f:
+    f.write(new)
+  np.save(os.path.join(workdir, "anchors.npy"), anchors)
+  with open(os.path.join(workdir, "version.json"), "w") as f:
+    json.dump({"ssdjax": ssdjax.__version__, "git_commit": _git_commit(), "jax": jax.__version__,
+               "devices": [str(d) for d in jax.devices()]}, f, indent=2)
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config a run was trained with (``workdir/config.json``)."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} not found: --workdir must be a directory written by ssdjax.main")
+  with open(path) as f:
+    raw = json.load(f)
+
+  def to_tuples(x):
+    if isinstance(x, dict):
+      return {k: to_tuples(v) for k, v in x.items()}
+    if isinstance(x, list):
+      return tuple(to_tuples(v) for v in x)
+    return x
+
+  return ml_collections.ConfigDict(to_tuples(raw))
+
+
+# ----------------------------------------------------------------------------------------------
+# Optimizer.
+# ----------------------------------------------------------------------------------------------
+def make_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
+  """Learning-rate schedule: linear warmup, then piecewise-constant or cosine decay."""
+  opt = config.optimizer
+  lr, warmup, total = opt.learning_rate, opt.warmup_steps, config.train.num_steps
+  if opt.schedule == "piecewise":
+    # join_schedules restarts the count at the warmup boundary; boundaries are absolute steps.
+    main = optax.piecewise_constant_schedule(
+        lr, {int(b) - warmup: opt.decay_factor for b in opt.boundaries if b > warmup})
+  elif opt.schedule == "cosine":
+    main = optax.cosine_decay_schedule(lr, decay_steps=max(total - warmup, 1))
+  else:
+    raise ValueError(f"config.optimizer.schedule={opt.schedule!r}; valid: ['cosine', 'piecewise']")
+  if warmup <= 0:
+    return main
+  return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), main], [warmup])
+
+
+def _decay_mask(params):
+  # Caffe SSD decays weights only (decay_mult 0 on biases); norms and the L2Norm scale are vectors.
+  return jax.tree.map(lambda p: p.ndim > 1, params)
+
+
+def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  """SGD with momentum and L2 weight decay (the paper), or Adam / AdamW."""
+  opt = config.optimizer
+  schedule = make_schedule(config)
+  parts = []
+  if opt.grad_clip_norm > 0:
+    parts.append(optax.clip_by_global_norm(opt.grad_clip_norm))
+  if opt.name == "sgd":
+    if opt.weight_decay:
+      parts.append(optax.add_decayed_weights(opt.weight_decay, mask=_decay_mask))
+    parts.append(optax.sgd(schedule, momentum=opt.momentum or None))
+  elif opt.name == "adam":
+    if opt.weight_decay:
+      parts.append(optax.add_decayed_weights(opt.weight_decay, mask=_decay_mask))
+    parts.append(optax.adam(schedule))
+  elif opt.name == "adamw":
+    parts.append(optax.adamw(schedule, weight_decay=opt.weight_decay, mask=_decay_mask))
+  else:
+    raise ValueError(f"config.optimizer.name={opt.name!r}; valid: ['adam', 'adamw', 'sgd']")
+  return optax.chain(*parts)
+
+
+# ----------------------------------------------------------------------------------------------
+# State, steps and shardings.
+# ----------------------------------------------------------------------------------------------
+def make_mesh() -> jax.sharding.Mesh:
+  """A 1-D mesh over every device; the batch is split over its 'data' axis."""
+  return jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def _variables(state) -> dict:
+  variables = {"params": state["params"]}
+  if state["batch_stats"]:
+    variables["batch_stats"] = state["batch_stats"]
+  return variables
+
+
+def make_init_fn(config, model, tx):
+  """(rng) -> a fresh state dict."""
+  size = config.image_size
+
+  def init(rng):
+    variables = model.init(rng, jnp.zeros((1, size, size, 3), jnp.float32), train=False)
+    params = variables["params"]
+    return {
+        "params": params,
+        "batch_stats": variables.get("batch_stats", {}),
+        "opt": tx.init(params),
+        "step": jnp.zeros((), jnp.int32),
+        # Steps whose loss or gradients were not finite are skipped (state unchanged) and counted.
+        "nonfinite": jnp.zeros((), jnp.int32),
+        "first_nonfinite": jnp.full((), -1, jnp.int32),
+    }
+
+  return init
+
+
+def make_train_step(config, model, tx, anchors):
+  """(state, batch) -> (state, metrics): forward, matching, loss, backward, optimizer update."""
+  anchors = jnp.asarray(anchors)  # [A, 4] cxcywh
+  match_kwargs = matching.from_config(config)
+  loss_fn = losses.from_config(config)
+  schedule = make_schedule(config)
+
+  def step(state, batch):
+    gt = (batch["gt_boxes"], batch["gt_labels"], batch["gt_mask"])
+    loc_t, cls_t = matching.batch_targets(*gt, anchors, **match_kwargs)  # [B, A, 4], [B, A]
+
+    def objective(params):
+      variables = dict(_variables(state), params=params)
+      mutable = ["batch_stats"] if state["batch_stats"] else []
+      (loc, logits), new_vars = model.apply(variables, batch["images"], train=True, mutable=mutable)
+      loss, aux = loss_fn(loc, logits, loc_t, cls_t)
+      return loss, (aux, new_vars)
+
+    (loss, (aux, new_vars)), grads = jax.value_and_grad(objective, has_aux=True)(state["params"])
+    updates, opt = tx.update(grads, state["opt"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    # A non-finite step leaves params, optimizer and batch stats as they were, so nothing
+    # non-finite can ever reach a checkpoint; the host stops the run when it sees the counter.
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    new_state = {
+        "params": keep(params, state["params"]),
+        "batch_stats": keep(new_vars.get("batch_stats", {}), state["batch_stats"]),
+        "opt": keep(opt, state["opt"]),
+        "step": state["step"] + 1,
+        "nonfinite": state["nonfinite"] + (~finite).astype(jnp.int32),
+        "first_nonfinite": jnp.where((state["first_nonfinite"] < 0) & ~finite, state["step"],
+                                     state["first_nonfinite"]),
+    }
+    metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state["step"]),
+               **{f"loss_{k}": v for k, v in aux.items()}}
+    return new_state, metrics
+
+  return step
+
+
+def make_predict_fn(config, model, anchors):
+  """(variables, images [B,S,S,3]) -> postprocess.Detections, jit-able, fixed shapes."""
+  anchors = jnp.asarray(anchors)
+  post_kwargs = postprocess.from_config(config)
+
+  def predict(variables, images):
+    loc, logits = model.apply(variables, images, train=False)
+    return postprocess.detect(loc, logits, anchors, **post_kwargs)
+
+  return predict
+
+
+class Trainer:
+  """Holds the compiled functions and shardings of one experiment (built once, used by the loop)."""
+
+  def __init__(self, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = None):
+    self.config = config
+    self.mesh = mesh or make_mesh()
+    validate_config(config, self.mesh.size)
+    self.anchors = anchors_lib.from_config(config)
+    self.model = models.from_config(config)
+    self.tx = make_optimizer(config)
+    self.replicated = jax.NamedSharding(self.mesh, jax.P())
+    self.data_sharding = jax.NamedSharding(self.mesh, jax.P("data"))
+
+    init = make_init_fn(config, self.model, self.tx)
+    self.abstract_state = jax.eval_shape(init, jax.random.key(0))
+    self.state_sharding = jax.tree.map(lambda _: self.replicated, self.abstract_state)
+    self._init = jax.jit(init, out_shardings=self.state_sharding)
+    # One compilation for the whole run; a retrace (changed shapes or dtypes) fails loudly.
+    step = chex.assert_max_traces(make_train_step(config, self.model, self.tx, self.anchors), n=1)
+    self.train_step = jax.jit(step, in_shardings=(self.state_sharding, self.data_sharding),
+                              out_shardings=(self.state_sharding, self.replicated), donate_argnums=0)
+    self.predict = jax.jit(make_predict_fn(config, self.model, self.anchors),
+                           in_shardings=(self.replicated, self.data_sharding),
+                           out_shardings=self.data_sharding)
+
+  def init_state(self, seed: int):
+    return self._init(jax.random.key(seed))
+
+  def shard(self, array) -> jax.Array:
+    """A process-local numpy array -> one global array split over 'data' on its first axis."""
+    return jax.make_array_from_process_local_data(self.data_sharding, np.asarray(array))
+
+  def to_device(self, batch: dict) -> dict:
+    """Process-local numpy batch -> global arrays sharded over 'data'."""
+    return {k: self.shard(v) for k, v in batch.items()}
+
+  def variables(self, state) -> dict:
+    return _variables(state)
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints.
+# ----------------------------------------------------------------------------------------------
+def checkpoint_manager(workdir: str, keep: int, *, read_only: bool = False) -> ocp.CheckpointManager:
+  policy = ocp.checkpoint_managers.preservation_policy.LatestN(keep)
+  options = ocp.CheckpointManagerOptions(preservation_policy=policy, create=not read_only,
+                                         read_only=read_only)
+  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"), options=options)
+
+
+def _check_finite(state, where: str) -> None:
+  n = int(jax.device_get(state["nonfinite"]))
+  if n:
+    first = int(jax.device_get(state["first_nonfinite"]))
+    raise FloatingPointError(
+        f"{where}: the loss or gradients were NaN/inf at step {first} ({n} step(s) in all); those "
+        "updates were not applied and nothing non-finite was checkpointed. Lower "
+        "config.optimizer.learning_rate, set config.optimizer.grad_clip_norm, or check the data.")
+
+
+def restore_for_inference(workdir: str, step: int | None = None):
+  """(config, model, variables, step) from a workdir's latest (or given) checkpoint."""
+  config = load_config(workdir)
+  trainer = Trainer(config, mesh=make_mesh())
+  mngr = checkpoint_manager(workdir, config.train.keep_checkpoints, read_only=True)
+  step = mngr.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f"no checkpoint in {os.path.join(workdir, 'checkpoints')}")
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          trainer.abstract_state, trainer.state_sharding)
+  restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
+  return config, trainer, trainer.variables(restored["state"]), step
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation.
+# ----------------------------------------------------------------------------------------------
+def evaluate(trainer: Trainer, variables, *, max_images: int | None = None) -> tuple[dict, list]:
+  """Runs detection over the eval split; returns (metrics, detection records)."""
+  from ssdjax import data  # the input pipeline is only needed by the loop and the CLIs
+
+  config = trainer.config
+  limit = max_images if max_images is not None else config.eval.max_images
+  gt = data.eval_ground_truth(config)
+  if limit:
+    gt = gt[:limit]
+  keep_ids = {g["image_id"] for g in gt}
+  dets = []
+  for batch in data.make_eval_batches(config, batch_size=config.eval.batch_size):
+    out = jax.device_get(trainer.predict(variables, trainer.shard(batch["images"])))
+    for i in np.flatnonzero(batch["valid"]):
+      image_id = int(batch["image_id"][i])
+      if image_id not in keep_ids:
+        continue
+      n = int(out.valid[i])
+      dets.append({"image_id": image_id, "boxes": np.asarray(out.boxes[i, :n]),
+                   "scores": np.asarray(out.scores[i, :n]), "labels": np.asarray(out.classes[i, :n])})
+    if limit and len(dets) >= len(gt):
+      break
+  metrics = evaluation.evaluate(gt, dets, tuple(data.class_names(config)),
+                                metrics=tuple(config.eval.metrics))
+  return metrics, dets
+
+
+# ----------------------------------------------------------------------------------------------
+# Metrics output.
+# ----------------------------------------------------------------------------------------------
+class MetricsWriter:
+  """Scalars to TensorBoard event files and to ``metrics.jsonl`` (one JSON object per write)."""
+
+  def __init__(self, workdir: str, enabled: bool = True):
+    self.enabled = enabled
+    self._tb = None
+    self._path = os.path.join(workdir, "metrics.jsonl")
+    if enabled:
+      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+  def write(self, step: int, scalars: dict[str, float]) -> None:
+    if not self.enabled:
+      return
+    for k, v in scalars.items():
+      self._tb.add_scalar(k, v, step)
+    self._tb.flush()
+    with open(self._path, "a") as f:
+      f.write(json.dumps({"step": step, **{k: float(v) for k, v in scalars.items()}}) + "\n")
+
+  def close(self) -> None:
+    if self._tb is not None:
+      self._tb.close()
+
+
+def _format_eta(seconds: float) -> str:
+  seconds = int(max(seconds, 0))
+  return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else \
+      f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop.
+# ----------------------------------------------------------------------------------------------
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       progress: bool = True) -> dict[str, float]:
+  """Trains ``config`` in ``workdir`` (resuming from its latest checkpoint) and evaluates it.
+
+  Returns the final evaluation metrics (plus ``train/loss`` of the last logged interval).
+  """
+  from ssdjax import data  # pylint: disable=g-import-not-at-top
+
+  # --- Mesh, model, optimizer, compiled steps.
+  trainer = Trainer(config)
+  main_process = jax.process_index() == 0
+  if main_process:
+    write_run_records(config, workdir, trainer.anchors)
+  logging.info("mesh %s over %d device(s): %s; %d anchors", dict(trainer.mesh.shape),
+               trainer.mesh.size, jax.devices()[0].platform, len(trainer.anchors))
+
+  # --- Input.
+  train_iter = data.make_train_iterator(config, seed=config.seed, process_index=jax.process_index(),
+                                        process_count=jax.process_count())
+
+  # --- State: fresh or restored (params, optimizer, step and the input position).
+  mngr = checkpoint_manager(workdir, config.train.keep_checkpoints)
+  start = mngr.latest_step()
+  if start is None:
+    state = trainer.init_state(config.seed)
+    start = 0
+  else:
+    import grain  # pylint: disable=g-import-not-at-top
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                            trainer.abstract_state, trainer.state_sharding)
+    restored = mngr.restore(start, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract), data=grain.checkpoint.CheckpointRestore(train_iter)))
+    state = restored["state"]
+    logging.info("resumed from %s at step %d", mngr.directory, start)
+  n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
+  logging.info("model %s/%s: %s parameters", config.model.backbone, config.model.head, f"{n_params:,}")
+
+  writer = MetricsWriter(workdir, enabled=main_process)
+  total = config.train.num_steps
+  bar = None
+  if progress and main_process:
+    from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+    bar = tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True,
+               mininterval=1.0, disable=None)
+
+  def save(step_now: int) -> None:
+    _check_finite(state, f"checkpoint at step {step_now}")
+    import grain  # pylint: disable=g-import-not-at-top
+    mngr.save(step_now, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(train_iter)))
+
+  def run_eval(step_now: int) -> dict[str, float]:
+    t0 = time.perf_counter()
+    metrics, _ = evaluate(trainer, trainer.variables(state))
+    logging.info("eval at step %d (%.1fs): %s", step_now, time.perf_counter() - t0,
+                 ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if "/AP/" not in k))
+    writer.write(step_now, {f"eval/{k}": v for k, v in metrics.items()})
+    return metrics
+
+  # --- Loop.
+  final: dict[str, float] = {}
+  pending: list[dict] = []
+  t_log, steps_since = time.perf_counter(), 0
+  t_start, start_step = time.perf_counter(), start
+  try:
+    for step in range(start, total):
+      batch = trainer.to_device(next(train_iter))
+      state, metrics = trainer.train_step(state, batch)
+      pending.append(metrics)
+      steps_since += 1
+      done = step + 1
+      if bar is not None:
+        bar.update(1)
+      if done % config.train.log_every == 0 or done == total:
+        host = jax.device_get(pending)
+        _check_finite(state, f"step {done}")
+        elapsed = time.perf_counter() - t_log
+        scalars = {f"train/{k}": float(np.mean([m[k] for m in host])) for k in host[0]}
+        scalars["train/images_per_sec"] = steps_since * config.train.batch_size / elapsed
+        writer.write(done, scalars)
+        eta = (time.perf_counter() - t_start) / (done - start_step) * (total - done)
+        msg = (f"step {done}/{total} loss {scalars['train/loss']:.4f} (loc {scalars['train/loss_loc']:.4f}"
+               f" conf {scalars['train/loss_conf']:.4f}) lr {scalars['train/lr']:.2e} "
+               f"{scalars['train/images_per_sec']:.1f} img/s ETA {_format_eta(eta)}")
+        if bar is not None:
+          bar.set_postfix_str(f"loss {scalars['train/loss']:.3f}", refresh=False)
+        logging.info(msg)
+        final["train/loss"] = scalars["train/loss"]
+        pending, t_log, steps_since = [], time.perf_counter(), 0
+      if done % config.train.checkpoint_every == 0 or done == total:
+        save(done)
+      if done % config.train.eval_every == 0 and done != total:
+        run_eval(done)
+    if bar is not None:
+      bar.close()
+    mngr.wait_until_finished()
+    final.update(run_eval(total))
+  finally:
+    mngr.wait_until_finished()
+    mngr.close()
+    writer.close()
+    close = getattr(train_iter, "close", None)
+    if close is not None:
+      close()
+  if main_process:
+    with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
+      json.dump(final, f, indent=2, sort_keys=True)
+  return final
