@@ -62,10 +62,13 @@ def get_config():
   ))
 
   c.data = ml_collections.ConfigDict(dict(
-      source="tfds",         # "tfds", "coco_json" or "synthetic"
+      source="tfds",         # "tfds", "coco_json", "voc_xml" or "synthetic" (ssdjax.data.SOURCES)
+      # Split specs, concatenated for training. tfds: "name[:version]:split"; coco_json: split names
+      # (data_dir/annotations/<split>.json, else data_dir/annotations.json); voc_xml:
+      # "VOC2007:trainval" (folder under data_dir : ImageSets/Main list); synthetic: "train" / "val".
       train=("voc/2007:train+validation", "voc/2012:train+validation"),
       eval="voc/2007:test",
-      data_dir=None,         # tfds data_dir, or the folder root for coco_json
+      data_dir=None,         # tfds data_dir, or the folder root for coco_json / voc_xml
       max_boxes=64,          # ground truth padded to this many boxes per image
       mean_rgb=(123.675, 116.28, 103.53),  # pixel mean in [0, 255]
       std_rgb=(1.0, 1.0, 1.0),            # Caffe SSD subtracts the mean only
@@ -73,11 +76,14 @@ def get_config():
       num_workers=2,         # parallel input workers (0 = in the main process)
       synthetic=ml_collections.ConfigDict(dict(
           num_train=2000, num_val=200, min_objects=1, max_objects=4,
-          min_size=0.1, max_size=0.6, num_classes=4)),
+          min_size=0.1, max_size=0.6, num_classes=4,
+          seed=0,            # data seed: the images do not change with the training seed
+          image_hw=None)),   # (height, width) of the generated images; None = image_size square
   ))
 
   c.augment = ml_collections.ConfigDict(dict(
-      photometric=True,
+      photometric=True,      # Caffe: brightness, contrast before or after saturation + hue
+      channel_swap_prob=0.0,  # random channel permutation (Caffe's random_order_prob; 0 = off)
       expand=True,
       expand_prob=0.5,
       expand_max_ratio=4.0,

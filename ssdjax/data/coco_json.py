@@ -1,0 +1,271 @@
+"""COCO-JSON folders: any detection data set in the COCO annotation format.
+
+Layout of ``config.data.data_dir`` (a split name is an entry of ``config.data.train`` / ``eval``)::
+
+  data_dir/annotations/<split>.json   one file per split ...
+  data_dir/annotations.json           ... or one file for every split name
+  data_dir/images/<split>/<file_name> images of a split ...
+  data_dir/images/<file_name>         ... or one folder for all
+
+Categories are sorted by ``id`` and mapped to contiguous labels 1..K (0 is background); their
+names are the class names (:meth:`CocoJsonSource.class_names`). ``iscrowd`` becomes ``is_crowd``.
+Images without annotations are kept (they are negatives).
+
+Everything is validated up front, before training starts: image entries (width/height, duplicate
+ids, missing or unreadable file, file size different from the JSON), annotations (unknown image or
+category, bbox of wrong form, zero/negative width or height, bbox outside the image by more than
+1 pixel; within 1 pixel it is clipped). ``bad_records="raise"`` stops at the first problem with
+a message naming the file and the annotation id; ``"skip"`` drops the entry (an image with its
+annotations), logs a warning per entry and a final count, kept in :attr:`CocoJsonSource.skipped`.
+Pixel data that fails to decode at load time raises a ValueError naming the file ("raise"), or is
+logged and dropped from training ("skip").
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+
+from absl import logging
+import numpy as np
+
+from ssdjax.data import records
+
+_BOX_TOLERANCE_PX = 1.0
+
+
+class CocoJsonSource:
+  """Random-access source over one COCO-JSON annotation file and its image folder.
+
+  Args:
+    annotation_file: path of the COCO JSON file.
+    image_dir: folder that ``images[].file_name`` is relative to.
+    bad_records: "raise" or "skip" (see the module docstring).
+  """
+
+  def __init__(self, annotation_file: str, image_dir: str, *, bad_records: str):
+    self.annotation_file = os.fspath(annotation_file)
+    self.image_dir = os.fspath(image_dir)
+    self.bad_records = records.check_bad_records_mode(bad_records)
+    data = _read_json(self.annotation_file)
+    self._categories = _categories(data, self.annotation_file)
+    label_of = {cat_id: k + 1 for k, (cat_id, _) in enumerate(self._categories)}
+    bad = records.BadEntries(bad_records)
+    images, dropped_ids = self._valid_images(data.get("images"), bad)
+    boxes = {image_id: [] for image_id in images}  # image id -> [(box, label, is_crowd)]
+    annotations = data.get("annotations", [])
+    if not isinstance(annotations, list):
+      raise ValueError(f"{self.annotation_file}: 'annotations' must be a list")
+    num_bad_annotations = 0
+    for k, ann in enumerate(annotations):
+      if isinstance(ann, dict) and ann.get("image_id") in dropped_ids:
+        num_bad_annotations += 1  # dropped with its image, which was reported
+        continue
+      entry = self._check_annotation(k, ann, images, label_of, bad)
+      if entry is None:
+        num_bad_annotations += 1
+      else:
+        boxes[ann["image_id"]].append(entry)
+    self._images = [images[i] for i in sorted(images)]
+    self._annotations = []
+    for image in self._images:
+      entries = boxes[image["id"]]
+      self._annotations.append((
+          np.array([e[0] for e in entries], np.float32).reshape(-1, 4),
+          np.array([e[1] for e in entries], np.int32),
+          np.array([e[2] for e in entries], bool)))
+    num_images = len(data.get("images"))
+    self.skipped = {"images": num_images - len(self._images), "total_images": num_images,
+                    "annotations": num_bad_annotations, "total_annotations": len(annotations)}
+    if bad.messages:
+      logging.warning(
+          "%s: skipped %d of %d annotations, %d of %d images (config.data.bad_records='skip'): %s",
+          self.annotation_file, num_bad_annotations, len(annotations),
+          self.skipped["images"], num_images, "; ".join(bad.messages[:5])
+          + (" ..." if len(bad.messages) > 5 else ""))
+
+  def class_names(self) -> tuple[str, ...]:
+    """Category names in label order (label k = names[k - 1])."""
+    return tuple(name for _, name in self._categories)
+
+  @property
+  def category_ids(self) -> tuple[int, ...]:
+    """COCO category id of each label (label k = category_ids[k - 1])."""
+    return tuple(cat_id for cat_id, _ in self._categories)
+
+  def __len__(self) -> int:
+    return len(self._images)
+
+  def __getitem__(self, index: int) -> records.Record | None:
+    image_entry = self._images[index]
+    path = image_entry["path"]
+    try:
+      image = records.load_image(path)
+    except ValueError as e:
+      if self.bad_records == "raise":
+        raise ValueError(f"{e} (image id {image_entry['id']} of {self.annotation_file}); "
+                         "replace the file or set config.data.bad_records='skip'") from e
+      logging.warning("%s; image dropped (config.data.bad_records='skip')", e)
+      return None
+    return self._record(index, image)
+
+  def annotation(self, index: int) -> records.Record:
+    image_entry = self._images[index]
+    return {**self._record(index, None), "height": image_entry["height"],
+            "width": image_entry["width"]}
+
+  def _record(self, index, image):
+    image_entry = self._images[index]
+    boxes, labels, is_crowd = self._annotations[index]
+    return records.make_record(image, boxes, labels, is_crowd=is_crowd,
+                               image_id=image_entry["id"], file=image_entry["path"])
+
+  def _valid_images(self, entries, bad: records.BadEntries) -> tuple[dict[int, dict], set]:
+    """Checks the 'images' list.
+
+    Returns:
+      ({id: {id, path, height, width}} of the good images, ids of the dropped ones).
+    """
+    where = self.annotation_file
+    if not isinstance(entries, list):
+      raise ValueError(f"{where}: 'images' must be a list of image entries")
+    candidates, dropped, seen = [], set(), set()
+    for k, entry in enumerate(entries):
+      if not isinstance(entry, dict) or not {"id", "file_name", "width", "height"} <= set(entry):
+        bad.report(f"{where}: images[{k}] needs the keys id, file_name, width, height")
+        continue
+      image_id, name = entry["id"], entry["file_name"]
+      if image_id in seen:
+        bad.report(f"{where}: image id {image_id} ({name}) appears twice in 'images'")
+        continue
+      seen.add(image_id)
+      if not (_is_number(entry["width"]) and _is_number(entry["height"])
+              and entry["width"] > 0 and entry["height"] > 0):
+        bad.report(f"{where}: image id {image_id} ({name}): width/height must be positive, got "
+                   f"{entry['width']}x{entry['height']}")
+        dropped.add(image_id)
+        continue
+      candidates.append({"id": image_id, "path": os.path.join(self.image_dir, name),
+                         "height": int(entry["height"]), "width": int(entry["width"])})
+    sizes = records.read_image_sizes([c["path"] for c in candidates])
+    images = {}
+    for entry, size in zip(candidates, sizes):
+      if isinstance(size, str):
+        bad.report(f"{where}: image id {entry['id']}: {size}")
+      elif size != (entry["height"], entry["width"]):
+        bad.report(f"{where}: image id {entry['id']}: {entry['path']} is {size[1]}x{size[0]} "
+                   f"pixels but the JSON says {entry['width']}x{entry['height']}")
+      else:
+        images[entry["id"]] = entry
+        continue
+      dropped.add(entry["id"])
+    return images, dropped
+
+  def _check_annotation(self, k, ann, images, label_of, bad: records.BadEntries):
+    """One annotation -> (normalized xyxy box, label, is_crowd), or None if it is bad."""
+    where = self.annotation_file
+    if not isinstance(ann, dict) or not {"id", "image_id", "bbox", "category_id"} <= set(ann):
+      bad.report(f"{where}: annotations[{k}] needs the keys id, image_id, bbox, category_id")
+      return None
+    ann_id = ann["id"]
+    image = images.get(ann["image_id"])
+    if image is None:
+      bad.report(f"{where}: annotation id {ann_id}: unknown image_id {ann['image_id']}")
+      return None
+    prefix = f"{where}: annotation id {ann_id} (image {image['path']})"
+    if ann["category_id"] not in label_of:
+      bad.report(f"{prefix}: unknown category_id {ann['category_id']}; categories in the file: "
+                 f"{sorted(label_of)}")
+      return None
+    bbox = ann["bbox"]
+    if not (isinstance(bbox, (list, tuple)) and len(bbox) == 4 and all(map(_is_number, bbox))):
+      bad.report(f"{prefix}: bbox {bbox!r} must be 4 finite numbers [x, y, width, height]")
+      return None
+    x, y, w, h = (float(v) for v in bbox)
+    if w <= 0 or h <= 0:
+      bad.report(f"{prefix}: bbox {bbox} has zero or negative width/height")
+      return None
+    width, height = image["width"], image["height"]
+    tol = _BOX_TOLERANCE_PX
+    if x < -tol or y < -tol or x + w > width + tol or y + h > height + tol:
+      bad.report(f"{prefix}: bbox {bbox} [x, y, width, height] lies outside the {width}x{height} "
+                 f"image by more than {tol:g} pixel")
+      return None
+    x0, y0 = max(x, 0.0), max(y, 0.0)
+    x1, y1 = min(x + w, width), min(y + h, height)
+    if x1 <= x0 or y1 <= y0:
+      bad.report(f"{prefix}: bbox {bbox} has zero area inside the {width}x{height} image")
+      return None
+    box = (x0 / width, y0 / height, x1 / width, y1 / height)
+    return box, label_of[ann["category_id"]], bool(ann.get("iscrowd", 0))
+
+  def __repr__(self) -> str:
+    return f"CocoJsonSource({self.annotation_file!r}, {len(self)} images)"
+
+
+def paths(data_dir: str | None, split: str) -> tuple[str, str]:
+  """(annotation file, image folder) of a split of a COCO-JSON folder (module docstring)."""
+  if not data_dir:
+    raise ValueError("config.data.data_dir must name the COCO-JSON folder (with images/ and "
+                     "annotations.json or annotations/<split>.json) for source='coco_json'")
+  per_split = os.path.join(data_dir, "annotations", f"{split}.json")
+  single = os.path.join(data_dir, "annotations.json")
+  annotation_file = per_split if os.path.isfile(per_split) else single
+  if not os.path.isfile(annotation_file):
+    raise ValueError(f"coco_json split {split!r}: neither {per_split} nor {single} exists")
+  image_dir = os.path.join(data_dir, "images", split)
+  if not os.path.isdir(image_dir):
+    image_dir = os.path.join(data_dir, "images")
+  return annotation_file, image_dir
+
+
+def from_config(config, split: str) -> CocoJsonSource:
+  """The COCO-JSON source of one split; checks config.num_classes against the file's categories."""
+  annotation_file, image_dir = paths(config.data.data_dir, split)
+  source = _load(annotation_file, os.path.getmtime(annotation_file), image_dir,
+                 config.data.bad_records)
+  if len(source.class_names()) + 1 != config.num_classes:
+    raise ValueError(
+        f"{annotation_file} has {len(source.class_names())} categories but config.num_classes="
+        f"{config.num_classes}; set config.num_classes={len(source.class_names()) + 1} "
+        "(categories + background)")
+  return source
+
+
+@functools.lru_cache(maxsize=4)
+def _load(annotation_file, mtime, image_dir, bad_records) -> CocoJsonSource:
+  """Parses and validates a file once per process (train, eval and class names share it)."""
+  del mtime  # part of the cache key only: an edited file is read again
+  return CocoJsonSource(annotation_file, image_dir, bad_records=bad_records)
+
+
+def _read_json(path):
+  try:
+    with open(path) as f:
+      data = json.load(f)
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{path}: not valid JSON ({e})") from e
+  if not isinstance(data, dict):
+    raise ValueError(f"{path}: a COCO file is a JSON object with images, annotations, categories")
+  return data
+
+
+def _categories(data, where) -> list[tuple[int, str]]:
+  """[(category id, name)] sorted by id; a broken category list is never skippable."""
+  categories = data.get("categories")
+  if not isinstance(categories, list) or not categories:
+    raise ValueError(f"{where}: 'categories' must be a non-empty list of {{id, name}}")
+  out = {}
+  for k, cat in enumerate(categories):
+    if not isinstance(cat, dict) or "id" not in cat or "name" not in cat:
+      raise ValueError(f"{where}: categories[{k}] needs the keys id and name")
+    if cat["id"] in out:
+      raise ValueError(f"{where}: category id {cat['id']} appears twice")
+    out[cat["id"]] = str(cat["name"])
+  return sorted(out.items())
+
+
+def _is_number(v) -> bool:
+  return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)

@@ -1,0 +1,283 @@
+"""Training and evaluation input pipelines (grain), and single-image preprocessing for prediction.
+
+Training (:func:`make_train_iterator`): source -> this process's slice -> shuffle (a new order each
+epoch) -> repeat forever -> per-element augmentation with an RNG derived from the seed and the
+element's position (``random_map``) -> batches -> ``num_workers`` worker processes
+(``mp_prefetch``; 0 = in the main process). Difficult (VOC) and crowd (COCO) boxes are dropped from
+the training targets, as Caffe SSD and torchvision do; evaluation keeps them to ignore matches.
+
+Batches are dicts of NumPy arrays with static shapes (``G = config.data.max_boxes``)::
+
+  train: images float32 [b, S, S, 3] normalized, gt_boxes float32 [b, G, 4] xyxy normalized,
+         gt_labels int32 [b, G] (0 = padding), gt_mask bool [b, G]
+  eval:  images float32 [b, S, S, 3], image_id int64 [b], valid bool [b] (False = padding)
+"""
+
+from __future__ import annotations
+
+import types
+from typing import Any, Callable, Iterator, Sequence
+
+from absl import flags
+from absl import logging
+import grain
+import numpy as np
+
+from ssdjax.data import augment, coco_json, records, synthetic, tfds_sources, voc_xml
+
+# config.data.source -> function (config, split spec) -> random-access source.
+SOURCES: dict[str, Callable[[Any, str], Any]] = {
+    "synthetic": synthetic.from_config,
+    "coco_json": coco_json.from_config,
+    "voc_xml": voc_xml.from_config,
+    "tfds": tfds_sources.from_config,
+}
+
+# Threads that read and transform elements inside each process: PIL and NumPy release the GIL for
+# most of the work. The buffer holds elements after the transform.
+_READ_THREADS = 2
+_READ_BUFFER = 16
+
+_warned_max_boxes = False
+
+
+def make_source(config, spec: str):
+  """The random-access source of one split spec of ``config.data.source``."""
+  name = config.data.source
+  if name not in SOURCES:
+    raise ValueError(f"config.data.source={name!r} is unknown; valid sources: {sorted(SOURCES)}")
+  return SOURCES[name](config, spec)
+
+
+def train_source(config):
+  """All of ``config.data.train`` concatenated (e.g. VOC 2007 + 2012 trainval)."""
+  specs = _specs(config.data.train, "config.data.train")
+  sources = [make_source(config, spec) for spec in specs]
+  return sources[0] if len(sources) == 1 else records.ConcatSource(sources)
+
+
+def eval_source(config):
+  """The ``config.data.eval`` source, cut to the first ``config.eval.max_images`` (0 = all)."""
+  source = make_source(config, config.data.eval)
+  if config.eval.max_images:
+    return _Head(source, config.eval.max_images)
+  return source
+
+
+class TrainTransform:
+  """grain random map: record -> training element (augmented, resized, normalized, padded)."""
+
+  def __init__(self, config):
+    self.augment = types.SimpleNamespace(**config.augment.to_dict())
+    self.image_size = int(config.image_size)
+    self.mean_rgb = tuple(config.data.mean_rgb)
+    self.std_rgb = tuple(config.data.std_rgb)
+    self.max_boxes = int(config.data.max_boxes)
+
+  def __call__(self, record: records.Record, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    record = records.select_boxes(record, ~(record["difficult"] | record["is_crowd"]))
+    record = augment.augment(record, rng, self.augment, fill_rgb=self.mean_rgb)
+    return {"images": _model_input(record["image"], self.image_size, self.mean_rgb, self.std_rgb),
+            **pad_boxes(record, self.max_boxes)}
+
+
+class EvalTransform:
+  """grain map: record -> eval element (resize + normalize only)."""
+
+  def __init__(self, config):
+    self.image_size = int(config.image_size)
+    self.mean_rgb = tuple(config.data.mean_rgb)
+    self.std_rgb = tuple(config.data.std_rgb)
+
+  def __call__(self, record: records.Record) -> dict[str, np.ndarray]:
+    return {"images": _model_input(record["image"], self.image_size, self.mean_rgb, self.std_rgb),
+            "image_id": np.int64(record["image_id"]), "valid": np.True_}
+
+
+def _model_input(image, image_size, mean_rgb, std_rgb) -> np.ndarray:
+  """uint8 [H, W, 3] -> float32 [S, S, 3]."""
+  return augment.normalize(augment.resize(image, image_size), mean_rgb, std_rgb)
+
+
+def pad_boxes(record: records.Record, max_boxes: int) -> dict[str, np.ndarray]:
+  """Pads (or cuts, with a warning once) a record's boxes to ``max_boxes``.
+
+  Returns:
+    gt_boxes float32 [G, 4] xyxy normalized, gt_labels int32 [G] (0 = padding), gt_mask bool [G].
+  """
+  global _warned_max_boxes
+  n = len(record["labels"])
+  if n > max_boxes:
+    if not _warned_max_boxes:
+      logging.warning("%s has %d boxes, more than config.data.max_boxes=%d: keeping the first %d "
+                      "(warned once; raise max_boxes to keep them all)",
+                      record["file"], n, max_boxes, max_boxes)
+      _warned_max_boxes = True
+    n = max_boxes
+  gt_boxes = np.zeros((max_boxes, 4), np.float32)
+  gt_labels = np.zeros((max_boxes,), np.int32)
+  gt_boxes[:n] = record["boxes"][:n]
+  gt_labels[:n] = record["labels"][:n]
+  return {"gt_boxes": gt_boxes, "gt_labels": gt_labels, "gt_mask": np.arange(max_boxes) < n}
+
+
+def make_train_iterator(config, *, seed: int, process_index: int = 0,
+                        process_count: int = 1) -> grain.DatasetIterator:
+  """Infinite iterator of training batches for this process (module docstring for the arrays).
+
+  Args:
+    config: the experiment config (data, augment, image_size, train.batch_size).
+    seed: seeds the shuffle and the augmentation RNGs.
+    process_index, process_count: this process reads elements process_index::process_count of the
+      training source; its batch is ``config.train.batch_size // process_count``.
+
+  Returns:
+    A grain ``DatasetIterator``: ``next(it)`` is a batch; ``get_state()`` / ``set_state()`` (or
+    ``grain.checkpoint.CheckpointSave(it)``) save and restore its position.
+  """
+  global_batch = config.train.batch_size
+  if process_count < 1 or global_batch < 1 or global_batch % process_count:
+    raise ValueError(f"config.train.batch_size={global_batch} must be a positive multiple of the "
+                     f"process count {process_count}")
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index={process_index} must be in 0..{process_count - 1}")
+  _check_data_config(config)
+  source = train_source(config)
+  ds = grain.MapDataset.source(source)[process_index::process_count]
+  if len(ds) == 0:
+    raise ValueError(f"process {process_index} of {process_count} gets no training records "
+                     f"({len(source)} in total)")
+  ds = ds.seed(seed).shuffle().repeat().random_map(TrainTransform(config))
+  return iter(_batched(ds, global_batch // process_count, config.data.num_workers,
+                       drop_remainder=True))
+
+
+def make_eval_batches(config, *, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+  """Batches over the eval split (``config.data.eval``), in source order.
+
+  An image that fails to decode with ``bad_records="skip"`` is left out (and logged); its ground
+  truth stays in :func:`eval_ground_truth`, so its objects count as missed.
+
+  Returns:
+    An iterator of {"images": float32 [b, S, S, 3], "image_id": int64 [b], "valid": bool [b]}; the
+    last batch is padded to ``batch_size`` with zero images and valid=False.
+  """
+  if batch_size < 1:
+    raise ValueError(f"eval batch_size={batch_size} must be >= 1")
+  _check_data_config(config)
+  ds = grain.MapDataset.source(eval_source(config)).map(EvalTransform(config))
+  return _padded_batches(iter(_batched(ds, batch_size, config.data.num_workers,
+                                       drop_remainder=False)), batch_size)
+
+
+def _padded_batches(iterator, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+  try:
+    for batch in iterator:
+      yield _pad_batch(batch, batch_size)
+  finally:
+    close = getattr(iterator, "close", None)
+    if close is not None:
+      close()
+
+
+def eval_ground_truth(config) -> list[dict[str, Any]]:
+  """Ground truth of the eval split, in the order of :func:`make_eval_batches`.
+
+  Returns:
+    [{"image_id": int, "height": int, "width": int, "boxes": float32 [N, 4] xyxy normalized,
+      "labels": int32 [N], "difficult": bool [N], "is_crowd": bool [N]}] (pixel size = height x
+    width, for COCO's area ranges).
+  """
+  source = eval_source(config)
+  keys = ("image_id", "height", "width", "boxes", "labels", "difficult", "is_crowd")
+  return [{k: ann[k] for k in keys} for ann in map(source.annotation, range(len(source)))]
+
+
+def class_names(config) -> tuple[str, ...]:
+  """Foreground class names in label order: from the COCO-JSON file, else config.class_names."""
+  if config.data.source == "coco_json":
+    return coco_json.from_config(config, config.data.eval).class_names()
+  names = tuple(config.class_names)
+  if len(names) != config.num_classes - 1:
+    raise ValueError(f"config.class_names has {len(names)} names but config.num_classes="
+                     f"{config.num_classes}; num_classes must be len(class_names) + 1 (background)")
+  return names
+
+
+def preprocess(image: np.ndarray, config) -> np.ndarray:
+  """uint8 [H, W, 3] RGB -> float32 [S, S, 3]: resized (bilinear) and normalized like eval data."""
+  image = np.asarray(image)
+  if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
+    raise ValueError(f"preprocess expects a uint8 [H, W, 3] RGB image, got {image.dtype} "
+                     f"{list(image.shape)} (ssdjax.data.load_image reads files this way)")
+  return _model_input(image, int(config.image_size), config.data.mean_rgb, config.data.std_rgb)
+
+
+def _batched(ds: grain.MapDataset, batch_size: int, num_workers: int, *, drop_remainder: bool):
+  """MapDataset of elements -> IterDataset of batches, in ``num_workers`` processes if > 0.
+
+  ``None`` elements (images dropped by bad_records="skip" at load time) are filtered out.
+  """
+  read_options = grain.ReadOptions(num_threads=_READ_THREADS, prefetch_buffer_size=_READ_BUFFER)
+  it = ds.to_iter_dataset(read_options).batch(batch_size, drop_remainder=drop_remainder)
+  if num_workers > 0:
+    if not flags.FLAGS.is_parsed():
+      # grain's worker processes read absl flags; outside absl.app (notebooks, tests) the flag
+      # defaults apply.
+      flags.FLAGS.mark_as_parsed()
+    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+  return it
+
+
+def _pad_batch(batch: dict[str, np.ndarray], batch_size: int) -> dict[str, np.ndarray]:
+  n = len(batch["valid"])
+  if n == batch_size:
+    return batch
+  return {k: np.concatenate([v, np.zeros((batch_size - n,) + v.shape[1:], v.dtype)])
+          for k, v in batch.items()}
+
+
+def _check_data_config(config) -> None:
+  data = config.data
+  records.check_bad_records_mode(data.bad_records)
+  if data.max_boxes < 1:
+    raise ValueError(f"config.data.max_boxes={data.max_boxes} must be >= 1")
+  if data.num_workers < 0:
+    raise ValueError(f"config.data.num_workers={data.num_workers} must be >= 0 (0 = in process)")
+  aug = config.augment
+  for name, ok, valid in (("expand_prob", 0 <= aug.expand_prob <= 1, "in [0, 1]"),
+                          ("channel_swap_prob", 0 <= aug.channel_swap_prob <= 1, "in [0, 1]"),
+                          ("expand_max_ratio", aug.expand_max_ratio >= 1, ">= 1"),
+                          ("crop_trials", aug.crop_trials >= 1, ">= 1")):
+    if not ok:
+      raise ValueError(f"config.augment.{name}={aug[name]} must be {valid}")
+  for name in ("mean_rgb", "std_rgb"):
+    value = np.asarray(data[name], np.float64)
+    if value.shape != (3,) or (name == "std_rgb" and (value <= 0).any()):
+      raise ValueError(f"config.data.{name}={data[name]} must be 3 numbers"
+                       + (" > 0" if name == "std_rgb" else ""))
+
+
+def _specs(value, name: str) -> Sequence[str]:
+  specs = (value,) if isinstance(value, str) else tuple(value)
+  if not specs:
+    raise ValueError(f"{name} is empty; give at least one split spec")
+  return specs
+
+
+class _Head:
+  """The first ``n`` records of a source."""
+
+  def __init__(self, source, n: int):
+    self.source, self.n = source, min(int(n), len(source))
+
+  def __len__(self) -> int:
+    return self.n
+
+  def __getitem__(self, index: int):
+    if not 0 <= index < self.n:
+      raise IndexError(f"index {index} out of range for {self.n} records")
+    return self.source[index]
+
+  def annotation(self, index: int):
+    return self.source.annotation(index)

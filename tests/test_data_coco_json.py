@@ -1,0 +1,191 @@
+"""Tests for ssdjax.data.coco_json: label mapping, validation in raise and skip modes, layouts."""
+
+import io
+import json
+import logging
+
+import numpy as np
+import PIL.Image
+import pytest
+
+from configs import ssd300_voc
+from ssdjax.data import coco_json
+
+# Category ids deliberately not contiguous nor sorted: labels follow the sorted ids 3, 7, 11.
+_CATEGORIES = [{"id": 7, "name": "dog"}, {"id": 3, "name": "cat"}, {"id": 11, "name": "bird"}]
+
+
+def _write_png(path, height, width, value=0):
+  image = np.full((height, width, 3), value, np.uint8)
+  image[: height // 2, : width // 2] = 255 - value  # something to decode
+  PIL.Image.fromarray(image).save(path, format="PNG")
+  return image
+
+
+def _folder(tmp_path, images, annotations, *, name="annotations.json", split_dir=None):
+  (tmp_path / "images").mkdir(exist_ok=True)
+  image_dir = tmp_path / "images" / split_dir if split_dir else tmp_path / "images"
+  image_dir.mkdir(exist_ok=True)
+  entries = []
+  for image_id, (file_name, height, width, kind) in images.items():
+    path = image_dir / file_name
+    if kind == "good":
+      _write_png(path, height, width, value=image_id)
+    elif kind == "garbage":
+      path.write_bytes(b"\x00garbage, not an image")
+    elif kind == "truncated":
+      buf = io.BytesIO()
+      PIL.Image.fromarray(np.random.default_rng(0).integers(0, 256, (height, width, 3), np.uint8)
+                         ).save(buf, format="PNG")
+      path.write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    entries.append({"id": image_id, "file_name": file_name, "height": height, "width": width})
+  ann_path = tmp_path / name
+  ann_path.parent.mkdir(exist_ok=True)
+  ann_path.write_text(json.dumps({"images": entries, "annotations": annotations,
+                                  "categories": _CATEGORIES}))
+  return str(ann_path), str(image_dir)
+
+
+def _ann(ann_id, image_id, bbox, category_id=3, iscrowd=0):
+  return {"id": ann_id, "image_id": image_id, "bbox": bbox, "category_id": category_id,
+          "iscrowd": iscrowd, "area": 1.0}
+
+
+_GOOD_IMAGES = {1: ("a.png", 40, 80, "good"), 2: ("b.png", 20, 10, "good"),
+                3: ("empty.png", 8, 8, "good")}
+
+
+def test_good_folder_maps_labels_boxes_and_crowd(tmp_path):
+  ann_file, image_dir = _folder(tmp_path, _GOOD_IMAGES, [
+      _ann(10, 1, [8, 4, 40, 20], category_id=7),
+      _ann(11, 1, [0, 0, 80, 40], category_id=11, iscrowd=1),
+      _ann(12, 2, [-0.5, 1, 10.6, 19], category_id=3),  # within 1 px: clipped, not rejected
+  ])
+  src = coco_json.CocoJsonSource(ann_file, image_dir, bad_records="raise")
+  assert src.class_names() == ("cat", "dog", "bird") and src.category_ids == (3, 7, 11)
+  assert len(src) == 3  # the image without annotations is kept
+  r1 = src[0]
+  assert r1["image_id"] == 1 and r1["image"].shape == (40, 80, 3) and r1["image"].dtype == np.uint8
+  np.testing.assert_allclose(r1["boxes"], [[8 / 80, 4 / 40, 48 / 80, 24 / 40], [0, 0, 1, 1]])
+  assert r1["labels"].tolist() == [2, 3] and r1["is_crowd"].tolist() == [False, True]
+  assert r1["file"].endswith("a.png")
+  r2 = src[1]
+  np.testing.assert_allclose(r2["boxes"], [[0, 1 / 20, 1, 1]], atol=1e-6)
+  assert r2["labels"].tolist() == [1]
+  r3 = src[2]
+  assert r3["boxes"].shape == (0, 4) and r3["labels"].shape == (0,)
+  ann = src.annotation(0)
+  assert "image" not in ann and (ann["height"], ann["width"]) == (40, 80)
+  np.testing.assert_array_equal(ann["boxes"], r1["boxes"])
+  assert src.skipped == {"images": 0, "total_images": 3, "annotations": 0, "total_annotations": 3}
+
+
+# Each case: extra image entries, annotations, and what the raise-mode message must name.
+_BAD_CASES = {
+    "bbox_outside": ({}, [_ann(20, 1, [70, 5, 20, 10])], ["annotation id 20", "a.png", "outside"]),
+    "zero_width": ({}, [_ann(21, 1, [5, 5, 0, 10])], ["annotation id 21", "zero or negative"]),
+    "negative_height": ({}, [_ann(22, 1, [5, 5, 3, -1])], ["annotation id 22", "negative"]),
+    "unknown_category": ({}, [_ann(23, 1, [5, 5, 3, 3], category_id=99)],
+                         ["annotation id 23", "unknown category_id 99"]),
+    "unknown_image": ({}, [_ann(24, 42, [5, 5, 3, 3])], ["annotation id 24", "unknown image_id 42"]),
+    "bad_bbox_form": ({}, [_ann(25, 1, [5, 5, 3])], ["annotation id 25", "4 finite numbers"]),
+    "missing_file": ({4: ("gone.png", 10, 10, "missing")}, [],
+                     ["image id 4", "gone.png", "image file not found"]),
+    "garbage_file": ({5: ("junk.png", 10, 10, "garbage")}, [],
+                     ["image id 5", "junk.png", "cannot decode image"]),
+    "size_mismatch": ({6: ("small.png", 99, 10, "good")}, [], ["image id 6", "small.png", "JSON says"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_BAD_CASES))
+def test_raise_mode_names_file_and_entry(tmp_path, case):
+  extra_images, annotations, fragments = _BAD_CASES[case]
+  images = {**_GOOD_IMAGES, **extra_images}
+  if case == "size_mismatch":  # the file on disk is 10x10, the JSON says 10 wide, 99 high
+    ann_file, image_dir = _folder(tmp_path, images, [_ann(1, 1, [1, 1, 5, 5])] + annotations)
+    _write_png(tmp_path / "images" / "small.png", 10, 10)
+  else:
+    ann_file, image_dir = _folder(tmp_path, images, [_ann(1, 1, [1, 1, 5, 5])] + annotations)
+  with pytest.raises(ValueError) as info:
+    coco_json.CocoJsonSource(ann_file, image_dir, bad_records="raise")
+  message = str(info.value)
+  assert ann_file in message and "bad_records='skip'" in message
+  for fragment in fragments:
+    assert fragment in message, (fragment, message)
+
+
+def test_skip_mode_drops_counts_and_logs_every_entry(tmp_path, caplog):
+  images = {**_GOOD_IMAGES, 4: ("gone.png", 10, 10, "missing"), 5: ("junk.png", 10, 10, "garbage")}
+  annotations = [
+      _ann(1, 1, [1, 1, 5, 5]), _ann(2, 2, [1, 1, 5, 5]),            # good
+      _ann(20, 1, [70, 5, 20, 10]),                                   # outside
+      _ann(21, 1, [5, 5, 0, 10]),                                     # zero width
+      _ann(23, 2, [5, 5, 3, 3], category_id=99),                      # unknown category
+      _ann(30, 4, [1, 1, 2, 2]), _ann(31, 4, [2, 2, 2, 2]),           # on the missing image
+      _ann(32, 5, [1, 1, 2, 2]),                                      # on the garbage image
+  ]
+  ann_file, image_dir = _folder(tmp_path, images, annotations)
+  with caplog.at_level(logging.WARNING):
+    src = coco_json.CocoJsonSource(ann_file, image_dir, bad_records="skip")
+  assert src.skipped == {"images": 2, "total_images": 5, "annotations": 6, "total_annotations": 8}
+  assert len(src) == 3 and [src.annotation(i)["image_id"] for i in range(3)] == [1, 2, 3]
+  assert [len(src.annotation(i)["labels"]) for i in range(3)] == [1, 1, 0]
+  per_entry = [m for m in caplog.messages if "skipped (config.data.bad_records='skip')" in m]
+  assert len(per_entry) == 5  # 3 annotations + 2 images
+  for fragment in ("annotation id 20", "annotation id 21", "annotation id 23", "gone.png",
+                   "junk.png"):
+    assert sum(fragment in m for m in per_entry) == 1, fragment
+  assert any("skipped 6 of 8 annotations, 2 of 5 images" in m for m in caplog.messages)
+
+
+def test_corrupt_pixels_at_load_time(tmp_path, caplog):
+  images = {**_GOOD_IMAGES, 4: ("cut.png", 30, 30, "truncated")}
+  ann_file, image_dir = _folder(tmp_path, images, [_ann(1, 4, [1, 1, 5, 5])])
+  src = coco_json.CocoJsonSource(ann_file, image_dir, bad_records="raise")
+  assert len(src) == 4  # the header reads fine
+  with pytest.raises(ValueError, match=r"cut\.png: cannot decode image.*image id 4"):
+    src[3]  # pylint: disable=pointless-statement
+  src = coco_json.CocoJsonSource(ann_file, image_dir, bad_records="skip")
+  with caplog.at_level(logging.WARNING):
+    assert src[3] is None
+  assert any("cut.png" in m and "image dropped" in m for m in caplog.messages)
+
+
+def test_structural_errors_always_raise(tmp_path):
+  path = tmp_path / "broken.json"
+  path.write_text("{not json")
+  with pytest.raises(ValueError, match="broken.json: not valid JSON"):
+    coco_json.CocoJsonSource(str(path), str(tmp_path), bad_records="skip")
+  path.write_text(json.dumps({"images": [], "annotations": [], "categories": [
+      {"id": 1, "name": "a"}, {"id": 1, "name": "b"}]}))
+  with pytest.raises(ValueError, match="category id 1 appears twice"):
+    coco_json.CocoJsonSource(str(path), str(tmp_path), bad_records="skip")
+  path.write_text(json.dumps({"images": [], "annotations": []}))
+  with pytest.raises(ValueError, match="'categories' must be a non-empty list"):
+    coco_json.CocoJsonSource(str(path), str(tmp_path), bad_records="skip")
+
+
+def test_folder_layouts_and_config(tmp_path):
+  config = ssd300_voc.get_config()
+  config.data.source = "coco_json"
+  with pytest.raises(ValueError, match="data_dir must name"):
+    coco_json.from_config(config, "train")
+  config.data.data_dir = str(tmp_path)
+  with pytest.raises(ValueError, match=r"annotations/train\.json nor .*annotations\.json"):
+    coco_json.from_config(config, "train")
+  # One file per split, images in images/<split>/.
+  _folder(tmp_path, {1: ("a.png", 10, 10, "good")}, [_ann(1, 1, [1, 1, 5, 5])],
+          name="annotations/train.json", split_dir="train")
+  assert coco_json.paths(str(tmp_path), "train") == (
+      str(tmp_path / "annotations" / "train.json"), str(tmp_path / "images" / "train"))
+  with pytest.raises(ValueError, match="has 3 categories but config.num_classes=21"):
+    coco_json.from_config(config, "train")
+  config.num_classes = 4
+  src = coco_json.from_config(config, "train")
+  assert len(src) == 1 and src[0]["labels"].tolist() == [1]
+  assert coco_json.from_config(config, "train") is src  # parsed once per process
+  # A single annotations.json serves any split name; images/ is shared.
+  _folder(tmp_path, {2: ("b.png", 10, 10, "good")}, [], name="annotations.json")
+  assert coco_json.paths(str(tmp_path), "val") == (
+      str(tmp_path / "annotations.json"), str(tmp_path / "images"))
+  assert coco_json.from_config(config, "val")[0]["image_id"] == 2
