@@ -33,6 +33,9 @@ def predict_files(workdir: str, files: Sequence[str], outdir: str, *, min_score:
 
   if not files:
     raise ValueError("no image files given")
+  missing = [f for f in files if not os.path.isfile(f)]
+  if missing:  # before the (slow) checkpoint restore
+    raise FileNotFoundError(f"image file(s) not found: {', '.join(missing)}")
   config, trainer, variables, step = train.restore_for_inference(workdir, step)
   names = tuple(data.class_names(config))
   os.makedirs(outdir, exist_ok=True)

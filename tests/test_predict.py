@@ -1,0 +1,236 @@
+"""Prediction CLI and drawing: boxes are drawn where detections.json says, and nowhere else."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image, ImageFont
+
+from configs import synthetic
+from ssdjax import predict
+from ssdjax import train
+from ssdjax import visualize
+from tests.test_train import small_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NAMES = synthetic.SHAPE_CLASSES
+# PIL draws a width-2 outline inside [int(x0), int(x1)]; captions are 11 px above the box, and the
+# default font's descenders reach one row further.
+LINE = 2
+CAPTION_ROWS = 13
+
+
+def _env() -> dict:
+  env = dict(os.environ)
+  env["JAX_PLATFORMS"] = "cpu"
+  env.pop("XLA_FLAGS", None)
+  env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+  return env
+
+
+def _cli(workdir, outdir, files, *extra) -> subprocess.Popen:
+  return subprocess.Popen([sys.executable, "-m", "ssdjax.predict", f"--workdir={workdir}",
+                           f"--outdir={outdir}", *extra, *files], env=_env(), cwd=REPO,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+  """A 2-step run and a noise image (so any drawn pixel shows) of a size unlike the model's."""
+  root = tmp_path_factory.mktemp("predict")
+  workdir = str(root / "run")
+  train.train_and_evaluate(small_config(**{"train.num_steps": 2, "train.checkpoint_every": 2}),
+                           workdir, progress=False)
+  image = np.random.default_rng(0).integers(0, 256, size=(288, 320, 3), dtype=np.uint8)
+  path = str(root / "noise.png")
+  Image.fromarray(image).save(path)
+  return workdir, path, image
+
+
+def _edges(box_xyxy):
+  """Pixel box (floats) -> (left col, top row, right col, bottom row) that the outline covers."""
+  x0, y0, x1, y1 = (int(round(v)) for v in box_xyxy)
+  # PIL truncates float corners; round(x0) and round(x1) - 1 lie on the 2-px line either way.
+  return x0, y0, x1 - 1, y1 - 1
+
+
+def _caption_top(y0: float) -> int:
+  return int(max(y0 - 11, 0))
+
+
+def _drawn_mask(det, height, width, caption_chars=None) -> np.ndarray:
+  """bool [H, W]: a generous superset of the pixels that drawing ``det`` may change."""
+  x0, y0, x1, y1 = _edges(det["box_xyxy"])
+  mask = np.zeros((height, width), bool)
+  m = LINE + 1
+  for c in (x0, x1):
+    mask[max(y0 - m, 0):y1 + m + 1, max(c - m, 0):c + m + 1] = True
+  for r in (y0, y1):
+    mask[max(r - m, 0):r + m + 1, max(x0 - m, 0):x1 + m + 1] = True
+  chars = caption_chars or len(f"{det['class_name']} {det['score']:.2f}")
+  top = _caption_top(det["box_xyxy"][1])
+  mask[max(top - 1, 0):top + CAPTION_ROWS + 1, max(x0 - 2, 0):x0 + 8 * chars + 6] = True
+  return mask
+
+
+def _outline_points(det, height):
+  """(row, col) on the left, right and bottom edges, below the caption."""
+  x0, y0, x1, y1 = _edges(det["box_xyxy"])
+  first = _caption_top(det["box_xyxy"][1]) + CAPTION_ROWS
+  pts = [(r, c) for r in range(first, min(y1, height)) for c in (x0, x1)]
+  if y1 >= first and y1 < height:
+    pts += [(y1, c) for c in range(x0, x1 + 1)]
+  return pts
+
+
+def _check_drawing(dets, drawn, original, *, require_points=True):
+  """Outlines have the class colour unless a later box covers them; elsewhere nothing changed."""
+  h, w = original.shape[:2]
+  masks = [_drawn_mask(d, h, w) for d in dets]
+  for i, det in enumerate(dets):
+    colour = np.array(visualize.class_colour(det["label"]), np.uint8)
+    later = np.zeros((h, w), bool)
+    for m in masks[i + 1:]:
+      later |= m
+    pts = [(r, c) for r, c in _outline_points(det, h) if c < w and not later[r, c]]
+    if require_points:
+      assert pts, f"detection {i}: no outline pixel to check"
+    for r, c in pts:
+      assert np.array_equal(drawn[r, c], colour), (i, det, r, c, drawn[r, c], colour)
+  untouched = ~np.any(masks, axis=0)
+  assert untouched.mean() > 0.2
+  np.testing.assert_array_equal(drawn[untouched], original[untouched])
+
+
+def test_predict_files_draws_boxes_where_detections_say(run, tmp_path):
+  workdir, path, image = run
+  h, w = image.shape[:2]
+  missing = str(tmp_path / "no_such_image.png")
+  failing = _cli(workdir, str(tmp_path / "failed"), [missing])  # runs while the rest runs here
+  try:
+    # All detections: the listing itself.
+    records = predict.predict_files(workdir, [path], str(tmp_path / "all"), min_score=0.0)
+    with open(tmp_path / "all" / "detections.json") as f:
+      assert json.load(f) == json.loads(json.dumps(records))
+    (rec,) = records
+    assert (rec["width"], rec["height"], rec["checkpoint_step"]) == (w, h, 2)
+    assert rec["file"] == os.path.abspath(path)
+    dets = rec["detections"]
+    assert 0 < len(dets) <= 200
+    scores = [d["score"] for d in dets]
+    assert scores == sorted(scores, reverse=True)
+    for d in dets:
+      assert 1 <= d["label"] <= len(NAMES) and d["class_name"] == NAMES[d["label"] - 1]
+      expected = np.round(np.array(d["box_normalized"], np.float64) * [w, h, w, h], 2)
+      np.testing.assert_allclose(d["box_xyxy"], expected, atol=1e-9)
+
+    # The three best: each drawn with its class colour (where no later box covers it); no other
+    # pixel changed.
+    third = scores[min(2, len(scores) - 1)]
+    few = predict.predict_files(workdir, [path], str(tmp_path / "few"),
+                                min_score=third)[0]["detections"]
+    assert [d["score"] for d in few] == [s for s in scores if s >= third]
+    assert len(few) <= 8, "too many ties to check the drawing"
+    drawn = np.asarray(Image.open(tmp_path / "few" / "noise.png").convert("RGB"))
+    assert drawn.shape == image.shape
+    _check_drawing(few, drawn, image, require_points=False)
+    assert _outline_points(few[-1], h), "the last-drawn box has nothing below its caption"
+
+    # The CLI with only the top detection: its whole outline is checked.
+    out = str(tmp_path / "top")
+    top = _cli(workdir, out, [path], f"--min_score={scores[0]!r}")
+    stdout, stderr = top.communicate(timeout=300)
+    assert top.returncode == 0, stderr[-3000:]
+    assert out in stdout
+    with open(os.path.join(out, "detections.json")) as f:
+      (cli_rec,) = json.load(f)
+    assert cli_rec["detections"] == [d for d in dets if d["score"] >= scores[0]]
+    drawn = np.asarray(Image.open(os.path.join(out, "noise.png")).convert("RGB"))
+    _check_drawing(cli_rec["detections"], drawn, image)
+    d0 = cli_rec["detections"][0]
+    x0, y0, x1, y1 = _edges(d0["box_xyxy"])
+    mid = ((_caption_top(d0["box_xyxy"][1]) + CAPTION_ROWS + y1) // 2, x0)  # left edge, below caption
+    assert np.array_equal(drawn[mid], visualize.class_colour(d0["label"]))
+    assert not np.array_equal(image[mid], drawn[mid])
+
+    # A missing image: non-zero exit, and the message names the file.
+    _, stderr = failing.communicate(timeout=300)
+    assert failing.returncode != 0
+    assert "no_such_image.png" in stderr and "not found" in stderr
+  finally:
+    if failing.poll() is None:
+      failing.kill()
+      failing.wait()
+
+
+def _expected_caption_width(caption: str) -> int:
+  return int(ImageFont.load_default().getlength(caption)) + 2
+
+
+def _shade(pixels, colour) -> np.ndarray:
+  """[..., 3] -> [...] t in [0, 1] with pixel = t * colour (black text antialiased on the colour),
+  or -1 where the pixel is no such shade."""
+  p, c = pixels.astype(np.float64), np.asarray(colour, np.float64)
+  t = (p @ c) / (c @ c)
+  ok = np.all(np.abs(p - t[..., None] * c) <= 2.0, axis=-1)
+  return np.where(ok, t, -1.0)
+
+
+def test_draw_detections_on_a_plain_image():
+  grey = (50, 60, 70)
+  image = np.empty((100, 120, 3), np.uint8)
+  image[:] = grey
+  before = image.copy()
+  boxes = np.array([[0.25, 0.4, 0.75, 0.9],     # label 2: pixels (30, 40) - (90, 90)
+                    [0.05, 0.05, 0.2, 0.2]])    # label 0: background, never drawn
+  names = ("aa", "bb")
+  drawn = np.asarray(visualize.draw_detections(image, boxes, [2, 0], [0.87, 0.99], names))
+  np.testing.assert_array_equal(image, before)  # the input is not drawn on
+  assert drawn.shape == image.shape and drawn.dtype == np.uint8
+  colour = np.array(visualize.class_colour(2), np.uint8)
+  assert not np.array_equal(colour, visualize.class_colour(1))
+
+  # The outline: 2 px inside the box on every side.
+  ring = np.zeros((100, 120), bool)
+  ring[40:91, 30:91] = True
+  ring[42:89, 32:89] = False
+  assert np.all(drawn[ring] == colour)
+  # The inside is untouched.
+  np.testing.assert_array_equal(drawn[42:89, 32:89], before[42:89, 32:89])
+
+  # The caption: a colour strip above the box (rows 29..40), as wide as "bb 0.87" in the default
+  # font, with dark text pixels on it.
+  width = _expected_caption_width("bb 0.87")
+  shade = _shade(drawn[29:40, 30:30 + width + 1], colour)
+  assert np.all(shade >= 0)
+  assert np.mean(shade == 1.0) > 0.5 and np.sum(shade < 0.5) >= 10
+  np.testing.assert_array_equal(drawn[29:40, 30 + width + 1:], before[29:40, 30 + width + 1:])
+
+  # Nothing else changed: in particular the label-0 box was not drawn.
+  changed = np.any(drawn != before, axis=-1)
+  allowed = ring.copy()
+  allowed[29:41, 30:30 + width + 1] = True
+  assert not np.any(changed & ~allowed)
+  assert not np.any(changed[:30, :30])
+
+  # Ground truth (no scores): the caption is the name alone, so narrower.
+  gt = np.asarray(visualize.draw_detections(image, boxes[:1], [2], None, names))
+  narrow = _expected_caption_width("bb")
+  assert narrow < width
+  assert np.all(_shade(gt[29:40, 30:30 + narrow + 1], colour) >= 0)
+  np.testing.assert_array_equal(gt[29:40, 30 + narrow + 1:], before[29:40, 30 + narrow + 1:])
+
+
+def test_class_colours_cycle_through_a_fixed_palette():
+  colours = [visualize.class_colour(label) for label in range(1, 21)]
+  assert len(set(colours)) == 20
+  assert visualize.class_colour(21) == colours[0]
+  assert all(len(c) == 3 and all(0 <= v <= 255 for v in c) for c in colours)
+
+
+def test_to_pixels():
+  np.testing.assert_allclose(visualize.to_pixels(np.array([[0.1, 0.2, 0.5, 1.0]]), 200, 100),
+                             [[20.0, 20.0, 100.0, 100.0]])
