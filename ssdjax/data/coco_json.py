@@ -149,18 +149,10 @@ class CocoJsonSource:
         continue
       candidates.append({"id": image_id, "path": os.path.join(self.image_dir, name),
                          "height": int(entry["height"]), "width": int(entry["width"])})
-    sizes = records.read_image_sizes([c["path"] for c in candidates])
-    images = {}
-    for entry, size in zip(candidates, sizes):
-      if isinstance(size, str):
-        bad.report(f"{where}: image id {entry['id']}: {size}")
-      elif size != (entry["height"], entry["width"]):
-        bad.report(f"{where}: image id {entry['id']}: {entry['path']} is {size[1]}x{size[0]} "
-                   f"pixels but the JSON says {entry['width']}x{entry['height']}")
-      else:
-        images[entry["id"]] = entry
-        continue
-      dropped.add(entry["id"])
+    readable, rejected = records.split_by_image_size(
+        candidates, bad, where=lambda e: f"{where}: image id {e['id']}", annotation_kind="JSON")
+    images = {entry["id"]: entry for entry in readable}
+    dropped.update(entry["id"] for entry in rejected)
     return images, dropped
 
   def _check_annotation(self, k, ann, images, label_of, bad: records.BadEntries):

@@ -199,6 +199,27 @@ def read_image_sizes(paths: Sequence[str]) -> list[tuple[int, int] | str]:
     return list(pool.map(one, paths))
 
 
+def split_by_image_size(entries: Sequence[dict], bad: "BadEntries", *, where, annotation_kind: str):
+  """Splits entries {"path", "height", "width", ...} into (readable, rejected) by their image header.
+
+  An entry is rejected (and reported to ``bad``) when its file is missing or unreadable, or when
+  its size differs from what the annotation (``annotation_kind``: "JSON", "XML") says.
+  ``where(entry)`` names the entry in the message.
+  """
+  readable, rejected = [], []
+  for entry, size in zip(entries, read_image_sizes([e["path"] for e in entries])):
+    if isinstance(size, str):
+      bad.report(f"{where(entry)}: {size}")
+    elif size != (entry["height"], entry["width"]):
+      bad.report(f"{where(entry)}: {entry['path']} is {size[1]}x{size[0]} pixels but the "
+                 f"{annotation_kind} says {entry['width']}x{entry['height']}")
+    else:
+      readable.append(entry)
+      continue
+    rejected.append(entry)
+  return readable, rejected
+
+
 def image_id_from_name(name: str, default: int) -> int:
   """The digits of a file name as an id ('000005.jpg' -> 5, '2008_000002' -> 2008000002)."""
   digits = re.sub(r"\D", "", os.path.basename(name))

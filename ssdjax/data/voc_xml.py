@@ -48,18 +48,9 @@ class VocXmlSource:
       num_objects += entry.pop("num_objects")
       num_bad_objects += entry.pop("num_bad_objects")
       parsed.append(entry)
-    sizes = records.read_image_sizes([e["path"] for e in parsed])
-    self._entries = []
-    for entry, size in zip(parsed, sizes):
-      if isinstance(size, str):
-        bad.report(f"{entry['xml']}: {size}")
-      elif size != (entry["height"], entry["width"]):
-        bad.report(f"{entry['xml']}: {entry['path']} is {size[1]}x{size[0]} pixels but the XML "
-                   f"says {entry['width']}x{entry['height']}")
-      else:
-        self._entries.append(entry)
-        continue
-      num_bad_objects += len(entry["labels"])
+    self._entries, rejected = records.split_by_image_size(
+        parsed, bad, where=lambda e: e["xml"], annotation_kind="XML")
+    num_bad_objects += sum(len(entry["labels"]) for entry in rejected)
     self.skipped = {"images": len(ids) - len(self._entries), "total_images": len(ids),
                     "annotations": num_bad_objects, "total_annotations": num_objects}
     if bad.messages:
