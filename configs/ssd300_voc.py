@@ -97,6 +97,7 @@ def get_config():
       learning_rate=1e-3,
       momentum=0.9,
       weight_decay=5e-4,
+      decay_biases=False,    # Caffe decays kernels only; True decays every parameter (torch SGD)
       schedule="piecewise",  # "piecewise" or "cosine"
       boundaries=(80_000, 100_000),
       decay_factor=0.1,

@@ -9,6 +9,16 @@ For feature map ``i`` of size ``f x f`` with step ``s``, every location ``(y, x)
 
 So ``K_i = 2 + 2 * len(aspect_ratios[i])`` (one less without ``max_sizes``). Prediction heads lay
 out their outputs in the same (level, y, x, k) order, see ``ssdjax.models.heads``.
+
+Clipping (``clip``, ``config.anchors.clip``) has three modes:
+
+* ``False`` (or ``"none"``): no clipping, the released Caffe models' setting.
+* ``True`` (or ``"corners"``): Caffe's ``PriorBox`` ``clip: true``: the ``xyxy`` corners are clipped
+  to [0, 1], which also moves the centre of a box that crosses the border.
+* ``"wh"``: torchvision's ``DefaultBoxGenerator(clip=True)`` (its default, used by
+  ``ssd300_vgg16``): width and height are clamped to [0, 1] while the box is ``cxcywh``; centres
+  never move and a box may still cross the border. For SSD300 COCO this only changes the two
+  aspect-ratio-2 boxes of the 1x1 map (0.87 * sqrt(2) = 1.23 -> 1).
 """
 
 from __future__ import annotations
@@ -24,6 +34,19 @@ def num_anchors_per_location(aspect_ratios: Sequence[Sequence[float]],
   """K_i for every level: 1 (min) + 1 (sqrt(min*max), if max_sizes) + 2 per aspect ratio."""
   extra = 1 if max_sizes else 0
   return [1 + extra + 2 * len(ars) for ars in aspect_ratios]
+
+
+# Accepted values of ``clip`` -> the mode they select.
+_CLIP_MODES = {False: "none", "none": "none", True: "corners", "corners": "corners", "wh": "wh"}
+
+
+def _clip_mode(clip) -> str:
+  # bool is checked by type: 0 and 1 (or numpy scalars) would otherwise hash like False / True.
+  if isinstance(clip, bool) or (isinstance(clip, str) and clip in _CLIP_MODES):
+    return _CLIP_MODES[clip]
+  raise ValueError(f"anchors.clip is {clip!r}; valid values: False or 'none' (no clipping), True "
+                   "or 'corners' (Caffe: clip the xyxy corners), 'wh' (torchvision: clamp w and h "
+                   "to [0, 1])")
 
 
 def _check(image_size, feature_sizes, steps, min_sizes, max_sizes, aspect_ratios):
@@ -61,7 +84,7 @@ def default_boxes(image_size: int,
                   max_sizes: Optional[Sequence[float]],
                   aspect_ratios: Sequence[Sequence[float]],
                   offset: float = 0.5,
-                  clip: bool = False) -> np.ndarray:
+                  clip: bool | str = False) -> np.ndarray:
   """Default boxes for all feature maps.
 
   Args:
@@ -71,12 +94,14 @@ def default_boxes(image_size: int,
     min_sizes, max_sizes: box sizes in pixels per map (max_sizes may be None or empty).
     aspect_ratios: per map, the ratios other than 1; each is also used flipped.
     offset: centre offset in units of the step (0.5 = cell centre).
-    clip: clip boxes to the image (Caffe clips the xyxy corners).
+    clip: False / "none", True / "corners" (Caffe: clip the xyxy corners to the image) or "wh"
+      (torchvision: clamp the normalized width and height to [0, 1]); see the module docstring.
 
   Returns:
     [A, 4] float32 cxcywh, normalized by image_size, A = sum_i f_i^2 * K_i.
   """
   _check(image_size, feature_sizes, steps, min_sizes, max_sizes, aspect_ratios)
+  clip_mode = _clip_mode(clip)
   levels = []
   for i, (f, step) in enumerate(zip(feature_sizes, steps)):
     mn = float(min_sizes[i])
@@ -89,6 +114,8 @@ def default_boxes(image_size: int,
       wh.append((mn * r, mn / r))
       wh.append((mn / r, mn * r))
     wh = np.asarray(wh, np.float64) / image_size  # [K, 2]
+    if clip_mode == "wh":
+      wh = np.clip(wh, 0.0, 1.0)
     centres = (np.arange(f, dtype=np.float64) + offset) * step / image_size  # [f]
     cy, cx = np.meshgrid(centres, centres, indexing="ij")  # [f, f], row-major (y, x)
     cxy = np.stack([cx, cy], -1).reshape(f * f, 1, 2)  # [f*f, 1, 2]
@@ -97,7 +124,7 @@ def default_boxes(image_size: int,
                             np.broadcast_to(wh[None], (f * f, k, 2))], -1)  # [f*f, K, 4]
     levels.append(boxes.reshape(-1, 4))
   out = np.concatenate(levels, 0)
-  if clip:
+  if clip_mode == "corners":
     xyxy = np.concatenate([out[:, :2] - out[:, 2:] / 2, out[:, :2] + out[:, 2:] / 2], -1)
     xyxy = np.clip(xyxy, 0.0, 1.0)
     out = np.concatenate([(xyxy[:, :2] + xyxy[:, 2:]) / 2, xyxy[:, 2:] - xyxy[:, :2]], -1)

@@ -261,3 +261,56 @@ def test_head_order_contract_is_level_y_x_k():
 def test_invalid_specs_raise(overrides, match):
   with pytest.raises(ValueError, match=match):
     anchors.default_boxes(**voc300_kwargs(**overrides))
+
+
+# ---------------------------------------------------------------------------------------------
+# torchvision's DefaultBoxGenerator (clip="wh").
+
+
+def torchvision_default_boxes(image_size, feature_sizes, aspect_ratios, scales, steps, clip):
+  """NumPy port of torchvision's DefaultBoxGenerator._grid_default_boxes -> [A, 4] cxcywh."""
+  levels = []
+  for k, f in enumerate(feature_sizes):
+    s_k = scales[k]
+    wh = [[s_k, s_k], [math.sqrt(s_k * scales[k + 1])] * 2]
+    for ar in aspect_ratios[k]:
+      wh.extend([[s_k * math.sqrt(ar), s_k / math.sqrt(ar)], [s_k / math.sqrt(ar), s_k * math.sqrt(ar)]])
+    wh = np.asarray(wh)
+    if clip:
+      wh = np.clip(wh, 0, 1)  # on cxcywh: centres stay, sizes are clamped
+    shifts = (np.arange(f) + 0.5) / (image_size / steps[k])
+    sy, sx = np.meshgrid(shifts, shifts, indexing="ij")
+    centres = np.stack([sx.reshape(-1), sy.reshape(-1)], -1)  # [f*f, 2]
+    levels.append(np.concatenate([np.repeat(centres, len(wh), 0), np.tile(wh, (f * f, 1))], 1))
+  return np.concatenate(levels)
+
+
+def test_wh_clip_matches_torchvision_default_box_generator():
+  # ssd300_vgg16: scales 0.07 ... 1.05 are the COCO sizes 21 ... 315 of 300.
+  kw = voc300_kwargs(min_sizes=(21, 45, 99, 153, 207, 261), max_sizes=(45, 99, 153, 207, 261, 315))
+  ref = torchvision_default_boxes(300, kw["feature_sizes"], kw["aspect_ratios"],
+                                  [0.07, 0.15, 0.33, 0.51, 0.69, 0.87, 1.05], kw["steps"], clip=True)
+  got = anchors.default_boxes(**dict(kw, clip="wh"))
+  np.testing.assert_allclose(got, ref, rtol=0, atol=1e-6)
+  # Only the two ratio-2 boxes of the 1x1 map change: 0.87 * sqrt(2) = 1.23 is clamped to 1.
+  unclipped = anchors.default_boxes(**kw)
+  changed = np.flatnonzero(np.any(got != unclipped, axis=1))
+  assert changed.tolist() == [len(got) - 2, len(got) - 1]
+  np.testing.assert_allclose(got[-2:], [[0.5, 0.5, 1.0, 0.87 / math.sqrt(2)],
+                                        [0.5, 0.5, 0.87 / math.sqrt(2), 1.0]], atol=1e-6)
+  # Unlike Caffe's corner clip, centres never move and border boxes keep their size.
+  corner = anchors.default_boxes(**dict(kw, clip=True))
+  assert np.abs(corner - got).max() > 0.01
+  np.testing.assert_array_equal(got[:, :2], unclipped[:, :2])
+
+
+@pytest.mark.parametrize("alias,same_as", [("none", False), ("corners", True)])
+def test_clip_string_aliases(alias, same_as):
+  np.testing.assert_array_equal(anchors.default_boxes(**voc300_kwargs(clip=alias)),
+                                anchors.default_boxes(**voc300_kwargs(clip=same_as)))
+
+
+@pytest.mark.parametrize("clip", ["xy", 1, None, "WH"])
+def test_invalid_clip_raises(clip):
+  with pytest.raises(ValueError, match="anchors.clip"):
+    anchors.default_boxes(**voc300_kwargs(clip=clip))
