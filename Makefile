@@ -1,20 +1,23 @@
 # Two entry points (see README, Quick start):
 #   make demo  -> create .venv, install, train the default synthetic config, evaluate, draw predictions
 #   make test  -> create .venv, install, run the test suite
+# EXTRAS picks the optional dependencies installed with the package; CI adds `convert` (torch and
+# torchvision) so the torchvision parity tests run: make test EXTRAS=test,convert
 PYTHON ?= python3
+EXTRAS ?= test
 VENV ?= .venv
 PY := $(VENV)/bin/python
 WORKDIR ?= runs/demo
 
 .PHONY: venv demo test bench clean
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed-$(EXTRAS): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -e '.[$(EXTRAS)]'
 	touch $@
 
-venv: $(VENV)/.installed
+venv: $(VENV)/.installed-$(EXTRAS)
 
 demo: venv
 	$(PY) -m ssdjax.demo --workdir=$(WORKDIR)

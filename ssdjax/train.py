@@ -13,6 +13,7 @@ checkpoints (state + input iterator position) under ``checkpoints/``.
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import os
 import subprocess
@@ -91,7 +92,13 @@ def write_run_records(config: ml_collections.ConfigDict, workdir: str, anchors: 
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
-  """The config a run was trained with (``workdir/config.json``)."""
+  """The config a run was trained with (``workdir/config.json``).
+
+  Fields added to the framework after the run was written take their defaults from
+  ``configs/ssd300_voc.py`` (the single source of defaults), so older workdirs keep loading.
+  """
+  from configs import ssd300_voc  # pylint: disable=g-import-not-at-top
+
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path} not found: --workdir must be a directory written by ssdjax.main")
@@ -105,7 +112,13 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
       return tuple(to_tuples(v) for v in x)
     return x
 
-  return ml_collections.ConfigDict(to_tuples(raw))
+  def merge(defaults: dict, saved: dict) -> dict:
+    out = dict(defaults)
+    for k, v in saved.items():
+      out[k] = merge(defaults[k], v) if isinstance(defaults.get(k), dict) and isinstance(v, dict) else v
+    return out
+
+  return ml_collections.ConfigDict(merge(ssd300_voc.get_config().to_dict(), to_tuples(raw)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -128,28 +141,30 @@ def make_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
   return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), main], [warmup])
 
 
-def _decay_mask(params):
+def _decay_mask(params, decay_biases: bool = False):
   # Caffe SSD decays weights only (decay_mult 0 on biases); norms and the L2Norm scale are vectors.
-  return jax.tree.map(lambda p: p.ndim > 1, params)
+  # torch.optim.SGD(weight_decay=...) (torchvision's recipe) decays every parameter.
+  return jax.tree.map(lambda p: decay_biases or p.ndim > 1, params)
 
 
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
   """SGD with momentum and L2 weight decay (the paper), or Adam / AdamW."""
   opt = config.optimizer
   schedule = make_schedule(config)
+  decay_mask = functools.partial(_decay_mask, decay_biases=bool(opt.decay_biases))
   parts = []
   if opt.grad_clip_norm > 0:
     parts.append(optax.clip_by_global_norm(opt.grad_clip_norm))
   if opt.name == "sgd":
     if opt.weight_decay:
-      parts.append(optax.add_decayed_weights(opt.weight_decay, mask=_decay_mask))
+      parts.append(optax.add_decayed_weights(opt.weight_decay, mask=decay_mask))
     parts.append(optax.sgd(schedule, momentum=opt.momentum or None))
   elif opt.name == "adam":
     if opt.weight_decay:
-      parts.append(optax.add_decayed_weights(opt.weight_decay, mask=_decay_mask))
+      parts.append(optax.add_decayed_weights(opt.weight_decay, mask=decay_mask))
     parts.append(optax.adam(schedule))
   elif opt.name == "adamw":
-    parts.append(optax.adamw(schedule, weight_decay=opt.weight_decay, mask=_decay_mask))
+    parts.append(optax.adamw(schedule, weight_decay=opt.weight_decay, mask=decay_mask))
   else:
     raise ValueError(f"config.optimizer.name={opt.name!r}; valid: ['adam', 'adamw', 'sgd']")
   return optax.chain(*parts)
@@ -244,6 +259,9 @@ def make_predict_fn(config, model, anchors):
   return predict
 
 
+_TRAINER_IDS = itertools.count()
+
+
 class Trainer:
   """Holds the compiled functions and shardings of one experiment (built once, used by the loop)."""
 
@@ -261,8 +279,12 @@ class Trainer:
     self.abstract_state = jax.eval_shape(init, jax.random.key(0))
     self.state_sharding = jax.tree.map(lambda _: self.replicated, self.abstract_state)
     self._init = jax.jit(init, out_shardings=self.state_sharding)
-    # One compilation for the whole run; a retrace (changed shapes or dtypes) fails loudly.
-    step = chex.assert_max_traces(make_train_step(config, self.model, self.tx, self.anchors), n=1)
+    # One compilation for the whole run; a retrace (changed shapes or dtypes) fails loudly. chex
+    # counts traces per function name and source, so each Trainer names its step apart: a second
+    # Trainer in the same process (an ablation loop, a notebook) has a budget of its own.
+    step = make_train_step(config, self.model, self.tx, self.anchors)
+    step.__name__ = f"train_step_{next(_TRAINER_IDS)}"
+    step = chex.assert_max_traces(step, n=1)
     self.train_step = jax.jit(step, in_shardings=(self.state_sharding, self.data_sharding),
                               out_shardings=(self.state_sharding, self.replicated), donate_argnums=0)
     self.predict = jax.jit(make_predict_fn(config, self.model, self.anchors),
@@ -415,8 +437,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     import grain  # pylint: disable=g-import-not-at-top
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                             trainer.abstract_state, trainer.state_sharding)
-    restored = mngr.restore(start, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract), data=grain.checkpoint.CheckpointRestore(train_iter)))
+    items = {"state": ocp.args.StandardRestore(abstract)}
+    # A checkpoint written outside this loop (ssdjax.convert) has no input position: start the
+    # input from the beginning.
+    if "data" in mngr.item_metadata(start):
+      items["data"] = grain.checkpoint.CheckpointRestore(train_iter)
+    restored = mngr.restore(start, args=ocp.args.Composite(**items))
     state = restored["state"]
     logging.info("resumed from %s at step %d", mngr.directory, start)
   n_params = sum(x.size for x in jax.tree.leaves(state["params"]))

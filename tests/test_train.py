@@ -53,12 +53,15 @@ def test_train_and_evaluate_end_to_end_and_predict(tmp_path):
 
   workdir = str(tmp_path / "run")
   config = small_config()
+  config.train.checkpoint_every = 2
+  config.train.keep_checkpoints = 2
   final = train.train_and_evaluate(config, workdir, progress=False)
   for key in ("voc07/mAP", "voc/mAP", "coco/AP", "coco/AP50", "train/loss"):
     assert key in final and np.isfinite(final[key]), key
   for name in ("config.json", "anchors.npy", "version.json", "metrics.jsonl", "final_metrics.json"):
     assert os.path.exists(os.path.join(workdir, name)), name
-  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["3", "6"]
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["4", "6"]  # the last 2 of 2, 4, 6
+  assert any(f.startswith("events.out.tfevents") for f in os.listdir(os.path.join(workdir, "tensorboard")))
   assert np.array_equal(np.load(os.path.join(workdir, "anchors.npy")), train.anchors_lib.from_config(config))
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     rows = [json.loads(line) for line in f]
@@ -261,3 +264,58 @@ def test_unknown_config_field_is_an_error(tmp_path):
                        env=_env(), cwd=REPO, capture_output=True, text=True, timeout=120)
   assert out.returncode != 0
   assert "not_a_field" in out.stderr
+
+
+def test_two_trainers_in_one_process_each_compile_once():
+  config = small_config()
+  s, g = config.image_size, config.data.max_boxes
+  for _ in range(2):
+    trainer = train.Trainer(config)
+    state = trainer.init_state(0)
+    batch = trainer.to_device({
+        "images": np.zeros((8, s, s, 3), np.float32), "gt_boxes": np.zeros((8, g, 4), np.float32),
+        "gt_labels": np.zeros((8, g), np.int32), "gt_mask": np.zeros((8, g), bool)})
+    trainer.train_step(state, batch)
+
+
+def _batch(config, n, *, boxes: bool):
+  s, g = config.image_size, config.data.max_boxes
+  rng = np.random.default_rng(0)
+  gt_mask = np.zeros((n, g), bool)
+  if boxes:
+    gt_mask[:, :2] = True
+  return {
+      "images": rng.normal(size=(n, s, s, 3)).astype(np.float32),
+      "gt_boxes": np.where(gt_mask[..., None], np.array([0.2, 0.2, 0.6, 0.7], np.float32), 0.0),
+      "gt_labels": np.where(gt_mask, 1, 0).astype(np.int32), "gt_mask": gt_mask}
+
+
+def test_batch_without_any_box_trains_finite():
+  config = small_config()
+  trainer = train.Trainer(config)
+  state = trainer.init_state(0)
+  state, metrics = trainer.train_step(state, trainer.to_device(_batch(config, 8, boxes=False)))
+  assert float(metrics["loss"]) == 0.0 and float(metrics["loss_num_pos"]) == 0.0
+  assert int(state["nonfinite"]) == 0
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(jax.device_get(state["params"])))
+
+
+def test_bfloat16_compute_keeps_float32_params():
+  config = small_config(**{"model.compute_dtype": "bfloat16"})
+  trainer = train.Trainer(config)
+  state = trainer.init_state(0)
+  state, metrics = trainer.train_step(state, trainer.to_device(_batch(config, 8, boxes=True)))
+  assert np.isfinite(float(metrics["loss"])) and float(metrics["loss_num_pos"]) > 0
+  assert {x.dtype for x in jax.tree.leaves(state["params"])} == {jnp.dtype(jnp.float32)}
+
+
+def test_load_config_fills_fields_added_after_the_run(tmp_path):
+  config = small_config()
+  raw = json.loads(config.to_json_best_effort())
+  del raw["optimizer"]["grad_clip_norm"]  # as if written before the field existed
+  raw["train"]["num_steps"] = 7
+  (tmp_path / "config.json").write_text(json.dumps(raw))
+  loaded = train.load_config(str(tmp_path))
+  assert loaded.optimizer.grad_clip_norm == 0.0  # the default of configs/ssd300_voc.py
+  assert loaded.train.num_steps == 7 and loaded.image_size == config.image_size
+  assert loaded.anchors.aspect_ratios == config.anchors.aspect_ratios
