@@ -68,7 +68,8 @@ def get_config():
       # "VOC2007:trainval" (folder under data_dir : ImageSets/Main list); synthetic: "train" / "val".
       train=("voc/2007:train+validation", "voc/2012:train+validation"),
       eval="voc/2007:test",
-      data_dir=None,         # tfds data_dir, or the folder root for coco_json / voc_xml
+      # tfds data_dir, or the folder root for coco_json / voc_xml (typed None: settable from the CLI)
+      data_dir=ml_collections.config_dict.placeholder(str),
       max_boxes=64,          # ground truth padded to this many boxes per image
       mean_rgb=(123.675, 116.28, 103.53),  # pixel mean in [0, 255]
       std_rgb=(1.0, 1.0, 1.0),            # Caffe SSD subtracts the mean only
@@ -78,7 +79,8 @@ def get_config():
           num_train=2000, num_val=200, min_objects=1, max_objects=4,
           min_size=0.1, max_size=0.6, num_classes=4,
           seed=0,            # data seed: the images do not change with the training seed
-          image_hw=None)),   # (height, width) of the generated images; None = image_size square
+          # (height, width) of the generated images; None = image_size square
+          image_hw=ml_collections.config_dict.placeholder(tuple))),
   ))
 
   c.augment = ml_collections.ConfigDict(dict(

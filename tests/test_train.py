@@ -319,3 +319,13 @@ def test_load_config_fills_fields_added_after_the_run(tmp_path):
   assert loaded.optimizer.grad_clip_norm == 0.0  # the default of configs/ssd300_voc.py
   assert loaded.train.num_steps == 7 and loaded.image_size == config.image_size
   assert loaded.anchors.aspect_ratios == config.anchors.aspect_ratios
+
+
+def test_fields_without_default_are_settable_from_the_command_line(tmp_path):
+  missing = str(tmp_path / "no_such_folder")
+  out = subprocess.run([sys.executable, "-m", "ssdjax.main", "--config=configs/synthetic.py",
+                        "--config.data.source=coco_json", f"--config.data.data_dir={missing}",
+                        f"--workdir={tmp_path / 'run'}"],
+                       env=_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert out.returncode != 0
+  assert f"{missing}/annotations.json" in out.stderr  # the value reached the data source
