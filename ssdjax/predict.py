@@ -20,12 +20,6 @@ from absl import logging
 import jax
 import numpy as np
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "A workdir written by ssdjax.main (config + checkpoints).")
-_OUTDIR = flags.DEFINE_string("outdir", None, "Where to write detections.json and PNGs.")
-_MIN_SCORE = flags.DEFINE_float("min_score", 0.3, "Detections below this score are not drawn or listed.")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
-
-
 def predict_files(workdir: str, files: Sequence[str], outdir: str, *, min_score: float = 0.3,
                   step: int | None = None) -> list[dict]:
   """Detects objects in ``files`` with the checkpoint in ``workdir``; returns the JSON records."""
@@ -70,16 +64,27 @@ def predict_files(workdir: str, files: Sequence[str], outdir: str, *, min_score:
   return records
 
 
+def _define_flags() -> None:
+  # Only when run as a program: other entry points (ssdjax.demo) import predict_files and own
+  # flags of the same names.
+  flags.DEFINE_string("workdir", None, "A workdir written by ssdjax.main (config + checkpoints).")
+  flags.DEFINE_string("outdir", None, "Where to write detections.json and PNGs.")
+  flags.DEFINE_float("min_score", 0.3, "Detections below this score are not drawn or listed.")
+  flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
+  flags.mark_flags_as_required(["workdir"])
+
+
 def main(argv):
   files = argv[1:]
   if not files:
     raise app.UsageError("give one or more image files after the flags")
-  outdir = _OUTDIR.value or os.path.join(_WORKDIR.value, "predictions")
-  records = predict_files(_WORKDIR.value, files, outdir, min_score=_MIN_SCORE.value, step=_STEP.value)
+  fl = flags.FLAGS
+  outdir = fl.outdir or os.path.join(fl.workdir, "predictions")
+  records = predict_files(fl.workdir, files, outdir, min_score=fl.min_score, step=fl.step)
   total = sum(len(r["detections"]) for r in records)
   print(f"{total} detection(s) in {len(records)} image(s); written to {outdir}")
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["workdir"])
+  _define_flags()
   app.run(main)
