@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import itertools
 import json
+import logging as std_logging
 import os
 import subprocess
 import time
@@ -398,6 +399,13 @@ class MetricsWriter:
       self._tb.close()
 
 
+class _QuietCheckpointLogs:
+  """Drops orbax's per-save INFO lines (a dozen per checkpoint) so the progress lines stay readable."""
+
+  def filter(self, record) -> bool:
+    return record.levelno >= std_logging.WARNING or "orbax" not in record.pathname
+
+
 def _format_eta(seconds: float) -> str:
   seconds = int(max(seconds, 0))
   return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else \
@@ -414,6 +422,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   Returns the final evaluation metrics (plus ``train/loss`` of the last logged interval).
   """
   from ssdjax import data  # pylint: disable=g-import-not-at-top
+
+  handler = logging.get_absl_handler()
+  if not any(isinstance(f, _QuietCheckpointLogs) for f in handler.filters):
+    handler.addFilter(_QuietCheckpointLogs())
 
   # --- Mesh, model, optimizer, compiled steps.
   trainer = Trainer(config)
