@@ -9,7 +9,6 @@ evaluates the latest checkpoint of ``--workdir``.
 """
 
 import json
-import os
 
 from absl import app
 from absl import flags

@@ -19,7 +19,6 @@ import logging as std_logging
 import os
 import subprocess
 import time
-from typing import Any, Iterator
 
 from absl import logging
 import chex

@@ -13,8 +13,8 @@ import pytest
 from ssdjax import anchors as anchors_lib
 from ssdjax import data
 from ssdjax import train
+from tests.helpers import REPO
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_FILES = sorted(os.path.basename(p) for p in glob.glob(os.path.join(REPO, "configs", "*.py"))
                       if not p.endswith("__init__.py"))
 

@@ -5,7 +5,7 @@ import os
 import subprocess
 import sys
 
-from tests.test_train import REPO, _env
+from tests.helpers import REPO, subprocess_env as _env
 
 
 def test_demo_trains_evaluates_and_draws(tmp_path):

@@ -15,8 +15,8 @@ import pytest
 from ssdjax import anchors as anchors_lib
 from ssdjax import data
 from ssdjax.models import heads
+from tests.helpers import REPO, subprocess_env
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 TINY = ["--seeds", "0", "--steps", "2"] + [
     arg for s in ("data.synthetic.num_train=32", "data.synthetic.num_val=8", "train.batch_size=8",
@@ -26,12 +26,8 @@ TINY = ["--seeds", "0", "--steps", "2"] + [
 
 
 def _env() -> dict:
-  env = dict(os.environ)
-  env["JAX_PLATFORMS"] = "cpu"
-  env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
   # Two-step runs of five models are all compilation; unoptimized CPU code halves that.
-  env["XLA_FLAGS"] = "--xla_backend_optimization_level=0"
-  return env
+  return subprocess_env(xla_flags="--xla_backend_optimization_level=0")
 
 
 def _run(script: str, args: list[str]) -> subprocess.CompletedProcess:

@@ -16,18 +16,9 @@ import ssdjax  # pylint: disable=g-import-not-at-top,wrong-import-position
 from configs import synthetic  # pylint: disable=wrong-import-position
 from ssdjax import export  # pylint: disable=wrong-import-position
 from ssdjax import train  # pylint: disable=wrong-import-position
-from tests.test_train import small_config  # pylint: disable=wrong-import-position
+from tests.helpers import REPO, small_config, subprocess_env  # pylint: disable=wrong-import-position
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIELDS = ("boxes", "scores", "classes", "valid")
-
-
-def _env() -> dict:
-  env = dict(os.environ)
-  env["JAX_PLATFORMS"] = "cpu"
-  env.pop("XLA_FLAGS", None)
-  env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
-  return env
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +43,7 @@ def artifacts(run, tmp_path_factory):
   poly, fixed = str(out / "poly.jax"), str(out / "fixed" / "b2.jax")
   # The CLI (polymorphic by default) runs in a subprocess while the library export runs here.
   cli = subprocess.Popen([sys.executable, "-m", "ssdjax.export", f"--workdir={workdir}",
-                          f"--out={poly}"], env=_env(), cwd=REPO, stdout=subprocess.PIPE,
+                          f"--out={poly}"], env=subprocess_env(), cwd=REPO, stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True)
   try:
     export.export_to_file(workdir, fixed, batch_size=2, platforms=("cpu", "cuda"))
@@ -123,7 +114,7 @@ def test_artifact_runs_without_ssdjax_and_matches_predict(run, artifacts, tmp_pa
     np.save(tmp_path / f"{name}.npy", x)
     jobs[name] = (fixed if name.startswith("fixed") else poly, str(tmp_path / f"{name}.npy"))
   out_path = str(tmp_path / "out.npz")
-  proc = subprocess.run([sys.executable, "-c", _PLAIN_JAX, json.dumps(jobs), out_path], env=_env(),
+  proc = subprocess.run([sys.executable, "-c", _PLAIN_JAX, json.dumps(jobs), out_path], env=subprocess_env(),
                         cwd=str(tmp_path), capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
   got = np.load(out_path)

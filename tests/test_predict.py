@@ -13,9 +13,8 @@ from configs import synthetic
 from ssdjax import predict
 from ssdjax import train
 from ssdjax import visualize
-from tests.test_train import small_config
+from tests.helpers import REPO, small_config, subprocess_env
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NAMES = synthetic.SHAPE_CLASSES
 # PIL draws a width-2 outline inside [int(x0), int(x1)]; captions are 11 px above the box, and the
 # default font's descenders reach one row further.
@@ -23,17 +22,9 @@ LINE = 2
 CAPTION_ROWS = 13
 
 
-def _env() -> dict:
-  env = dict(os.environ)
-  env["JAX_PLATFORMS"] = "cpu"
-  env.pop("XLA_FLAGS", None)
-  env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
-  return env
-
-
 def _cli(workdir, outdir, files, *extra) -> subprocess.Popen:
   return subprocess.Popen([sys.executable, "-m", "ssdjax.predict", f"--workdir={workdir}",
-                           f"--outdir={outdir}", *extra, *files], env=_env(), cwd=REPO,
+                           f"--outdir={outdir}", *extra, *files], env=subprocess_env(), cwd=REPO,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 

@@ -32,8 +32,8 @@ from ssdjax import anchors as anchors_lib  # pylint: disable=g-import-not-at-top
 from ssdjax import boxes as boxes_lib  # pylint: disable=g-import-not-at-top
 from ssdjax import convert, losses, matching, models  # pylint: disable=g-import-not-at-top
 from ssdjax import postprocess, train  # pylint: disable=g-import-not-at-top
+from tests.helpers import REPO, subprocess_env  # pylint: disable=g-import-not-at-top
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZE = 300
 # The random network's logits are large (std ~3.3): damped, the scores spread without saturating
 # at 1. The damped regression stays below torchvision's decode clamp (|dw| <= 5 * log(1000 / 16)).
@@ -321,17 +321,11 @@ def test_class_index_selects_head_columns(tv, jx):
 
 def test_import_does_not_load_torch():
   code = "import sys, ssdjax.convert; assert 'torch' not in sys.modules, 'torch imported'"
-  subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, env=_env())
+  subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, env=subprocess_env())
 
 
 # ----------------------------------------------------------------------------------------------
 # The CLI and the workdir it writes.
-
-
-def _env() -> dict:
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
-  return env
 
 
 def _coco_json_folder(root) -> str:
@@ -370,7 +364,7 @@ def test_cli_writes_a_workdir_that_restores_and_evaluates(tv, tmp_path):
       "  return c\n")
   out = subprocess.run([sys.executable, "-m", "ssdjax.convert", f"--torchvision={pth}",
                         f"--workdir={workdir}", f"--config={cfg}"],
-                       cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+                       cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-3000:]
   for name in ("config.json", "anchors.npy", "version.json"):
     assert os.path.exists(os.path.join(workdir, name)), name
@@ -382,12 +376,12 @@ def test_cli_writes_a_workdir_that_restores_and_evaluates(tv, tmp_path):
 
   # A second conversion into the same workdir is refused.
   again = subprocess.run([sys.executable, "-m", "ssdjax.convert", f"--torchvision={pth}",
-                          f"--workdir={workdir}"], cwd=REPO, env=_env(), capture_output=True,
+                          f"--workdir={workdir}"], cwd=REPO, env=subprocess_env(), capture_output=True,
                          text=True, timeout=300)
   assert again.returncode != 0 and "already holds checkpoints" in again.stderr
 
   out = subprocess.run([sys.executable, "-m", "ssdjax.main", "--mode=eval", f"--workdir={workdir}"],
-                       cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+                       cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-3000:]
   assert '"coco/AP"' in out.stdout
 

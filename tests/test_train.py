@@ -15,37 +15,13 @@ import numpy as np
 import optax
 import pytest
 
-from configs import synthetic
 from ssdjax import train
+from tests.helpers import REPO, small_config, subprocess_env
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def small_config(**overrides):
-  """The synthetic config, shrunk so a run takes seconds."""
-  c = synthetic.get_config()
-  c.data.synthetic.num_train = 48
-  c.data.synthetic.num_val = 8
-  c.data.num_workers = 0
-  c.train.batch_size = 8
-  c.train.num_steps = 6
-  c.train.log_every = 2
-  c.train.eval_every = 1000
-  c.train.checkpoint_every = 3
-  c.eval.batch_size = 8
-  c.optimizer.warmup_steps = 2
-  for k, v in overrides.items():
-    section, name = k.split(".")
-    c[section][name] = v
-  return c
 
 
 def _env(devices: int = 1) -> dict:
-  env = dict(os.environ)
-  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-  env["JAX_PLATFORMS"] = "cpu"
-  env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
-  return env
+  return subprocess_env(devices=devices)
 
 
 def test_train_and_evaluate_end_to_end_and_predict(tmp_path):
@@ -183,7 +159,7 @@ def test_weight_decay_skips_biases():
 _CURVE_SCRIPT = textwrap.dedent("""
     import json, sys
     import jax
-    from tests.test_train import small_config
+    from tests.helpers import small_config
     from ssdjax import data, train
     config = small_config()
     config.train.batch_size = 16
