@@ -32,14 +32,17 @@ def draw_detections(image: np.ndarray, boxes: np.ndarray, labels: Sequence[int],
     image: [H, W, 3] uint8.
     boxes: [N, 4] xyxy, normalized.
     labels: [N] class ids, 1..len(class_names) (0 = background is never drawn).
-    scores: [N] or None (ground truth).
+    scores: [N] or None (ground truth, drawn in the given order); boxes are drawn lowest score first.
     class_names: foreground class names; label l is class_names[l - 1].
   """
   img = Image.fromarray(np.asarray(image, np.uint8)).convert("RGB")
   draw = ImageDraw.Draw(img)
   font = ImageFont.load_default()
   pix = to_pixels(boxes, img.width, img.height)
-  for i, (x0, y0, x1, y1) in enumerate(pix):
+  # Lowest score first, so where boxes overlap the most confident one is drawn on top.
+  order = range(len(pix)) if scores is None else np.argsort(np.asarray(scores), kind="stable")
+  for i in order:
+    x0, y0, x1, y1 = pix[i]
     label = int(labels[i])
     if label <= 0:
       continue

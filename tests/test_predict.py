@@ -78,15 +78,18 @@ def _outline_points(det, height):
 
 
 def _check_drawing(dets, drawn, original, *, require_points=True):
-  """Outlines have the class colour unless a later box covers them; elsewhere nothing changed."""
+  """Outlines have the class colour unless a better box covers them; elsewhere nothing changed.
+
+  dets are sorted by score, best first; the best is drawn last, on top.
+  """
   h, w = original.shape[:2]
   masks = [_drawn_mask(d, h, w) for d in dets]
   for i, det in enumerate(dets):
     colour = np.array(visualize.class_colour(det["label"]), np.uint8)
-    later = np.zeros((h, w), bool)
-    for m in masks[i + 1:]:
-      later |= m
-    pts = [(r, c) for r, c in _outline_points(det, h) if c < w and not later[r, c]]
+    better = np.zeros((h, w), bool)
+    for m in masks[:i]:
+      better |= m
+    pts = [(r, c) for r, c in _outline_points(det, h) if c < w and not better[r, c]]
     if require_points:
       assert pts, f"detection {i}: no outline pixel to check"
     for r, c in pts:
@@ -118,7 +121,7 @@ def test_predict_files_draws_boxes_where_detections_say(run, tmp_path):
       expected = np.round(np.array(d["box_normalized"], np.float64) * [w, h, w, h], 2)
       np.testing.assert_allclose(d["box_xyxy"], expected, atol=1e-9)
 
-    # The three best: each drawn with its class colour (where no later box covers it); no other
+    # The three best: each drawn with its class colour (where no better box covers it); no other
     # pixel changed.
     third = scores[min(2, len(scores) - 1)]
     few = predict.predict_files(workdir, [path], str(tmp_path / "few"),
@@ -225,3 +228,13 @@ def test_class_colours_cycle_through_a_fixed_palette():
 def test_to_pixels():
   np.testing.assert_allclose(visualize.to_pixels(np.array([[0.1, 0.2, 0.5, 1.0]]), 200, 100),
                              [[20.0, 20.0, 100.0, 100.0]])
+
+
+def test_the_most_confident_box_is_drawn_on_top():
+  image = np.full((100, 100, 3), 128, np.uint8)
+  # Two boxes whose left edges coincide (x = 20 px); the less confident one is listed first.
+  boxes = np.array([[0.2, 0.3, 0.8, 0.9], [0.2, 0.2, 0.6, 0.7]], np.float32)
+  for scores, top in (([0.3, 0.9], 1), ([0.9, 0.3], 0)):
+    labels = [1, 2]
+    drawn = np.asarray(visualize.draw_detections(image, boxes, labels, scores, ("a", "b")))
+    np.testing.assert_array_equal(drawn[50, 20], visualize.class_colour(labels[top]))
