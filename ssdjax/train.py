@@ -343,28 +343,23 @@ def restore_for_inference(workdir: str, step: int | None = None):
 # ----------------------------------------------------------------------------------------------
 # Evaluation.
 # ----------------------------------------------------------------------------------------------
-def evaluate(trainer: Trainer, variables, *, max_images: int | None = None) -> tuple[dict, list]:
-  """Runs detection over the eval split; returns (metrics, detection records)."""
+def evaluate(trainer: Trainer, variables) -> tuple[dict, list]:
+  """Runs detection over the eval split; returns (metrics, detection records).
+
+  The split is ``config.data.eval`` cut to ``config.eval.max_images`` by the input pipeline, which
+  gives the ground truth and the batches for the same images.
+  """
   from ssdjax import data  # the input pipeline is only needed by the loop and the CLIs
 
   config = trainer.config
-  limit = max_images if max_images is not None else config.eval.max_images
   gt = data.eval_ground_truth(config)
-  if limit:
-    gt = gt[:limit]
-  keep_ids = {g["image_id"] for g in gt}
   dets = []
   for batch in data.make_eval_batches(config, batch_size=config.eval.batch_size):
     out = jax.device_get(trainer.predict(variables, trainer.shard(batch["images"])))
     for i in np.flatnonzero(batch["valid"]):
-      image_id = int(batch["image_id"][i])
-      if image_id not in keep_ids:
-        continue
       n = int(out.valid[i])
-      dets.append({"image_id": image_id, "boxes": np.asarray(out.boxes[i, :n]),
+      dets.append({"image_id": int(batch["image_id"][i]), "boxes": np.asarray(out.boxes[i, :n]),
                    "scores": np.asarray(out.scores[i, :n]), "labels": np.asarray(out.classes[i, :n])})
-    if limit and len(dets) >= len(gt):
-      break
   metrics = evaluation.evaluate(gt, dets, tuple(data.class_names(config)),
                                 metrics=tuple(config.eval.metrics))
   return metrics, dets

@@ -305,3 +305,14 @@ def test_fields_without_default_are_settable_from_the_command_line(tmp_path):
                        env=_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
   assert out.returncode != 0
   assert f"{missing}/annotations.json" in out.stderr  # the value reached the data source
+
+
+def test_evaluate_uses_only_the_first_max_images():
+  config = small_config(**{"eval.max_images": 3})
+  trainer = train.Trainer(config)
+  state = trainer.init_state(0)
+  metrics, dets = train.evaluate(trainer, trainer.variables(state))
+  from ssdjax import data  # pylint: disable=g-import-not-at-top
+  first = [g["image_id"] for g in data.eval_ground_truth(small_config())[:3]]
+  assert [d["image_id"] for d in dets] == first
+  assert "voc07/mAP" in metrics
