@@ -302,6 +302,11 @@ class Trainer:
     """Process-local numpy batch -> global arrays sharded over 'data'."""
     return {k: self.shard(v) for k, v in batch.items()}
 
+  def restore_target(self):
+    """The state's shapes, dtypes and shardings: what orbax restores into."""
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        self.abstract_state, self.state_sharding)
+
   def variables(self, state) -> dict:
     return _variables(state)
 
@@ -334,9 +339,8 @@ def restore_for_inference(workdir: str, step: int | None = None):
   step = mngr.latest_step() if step is None else step
   if step is None:
     raise FileNotFoundError(f"no checkpoint in {os.path.join(workdir, 'checkpoints')}")
-  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          trainer.abstract_state, trainer.state_sharding)
-  restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
+  restored = mngr.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(trainer.restore_target())))
   return config, trainer, trainer.variables(restored["state"]), step
 
 
@@ -441,9 +445,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     start = 0
   else:
     import grain  # pylint: disable=g-import-not-at-top
-    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                            trainer.abstract_state, trainer.state_sharding)
-    items = {"state": ocp.args.StandardRestore(abstract)}
+    items = {"state": ocp.args.StandardRestore(trainer.restore_target())}
     # A checkpoint written outside this loop (ssdjax.convert) has no input position: start the
     # input from the beginning.
     if "data" in mngr.item_metadata(start):
