@@ -15,6 +15,9 @@ Two input layers:
   An image without a detection record has no detections. Pixel boxes appear only when
   :func:`to_coco` / :func:`detections_to_coco` build COCO dicts.
 
+The COCO stats come from pycocotools by default; ``backend="numpy"`` (or ``"faster_coco_eval"``)
+gives the same numbers many times faster, see :mod:`ssdjax.coco_backends`.
+
 Undefined values: a metric with no ground truth to measure against (a class without non-difficult
 boxes, an area range without boxes) is ``-1``, pycocotools' convention. ``-1`` is never averaged
 in: ``mAP`` and the COCO stats are means over the defined entries only (and ``-1`` when none is).
@@ -41,6 +44,9 @@ from typing import Any, Mapping, Optional, Sequence
 import numpy as np
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
+
+from ssdjax import coco_backends
+from ssdjax.coco_backends import COCO_BACKENDS  # re-exported: the valid `backend` names
 
 COCO_STATS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 
@@ -257,8 +263,37 @@ def _coco_results_copy(detections: Sequence[Mapping[str, Any]], image_ids: set,
   return out
 
 
+def _coco_results_arrays(detections: Sequence[Mapping[str, Any]], image_ids: set,
+                         category_ids: set) -> tuple[list, list, np.ndarray, np.ndarray]:
+  """The checks of :func:`_coco_results_copy` as whole-array operations.
+
+  Returns:
+    (image_id [D], category_id [D] as given, bbox [D, 4] [x, y, w, h] pixels float64, score [D]).
+  """
+  n = len(detections)
+  try:
+    image_id = [det["image_id"] for det in detections]
+    category_id = [det["category_id"] for det in detections]
+    bbox = np.asarray([det["bbox"] for det in detections], np.float64)
+    score = np.asarray([det["score"] for det in detections], np.float64)
+    ok = (bbox.shape == (n, 4) and score.shape == (n,) and np.isfinite(bbox).all()
+          and np.isfinite(score).all() and set(image_id) <= image_ids
+          and set(category_id) <= category_ids)
+  except (KeyError, TypeError, ValueError):
+    ok = False
+  if not ok:
+    # The per-entry checks name the first bad entry; whatever they accept is used as they copy it.
+    results = _coco_results_copy(detections, image_ids, category_ids)
+    image_id = [det["image_id"] for det in results]
+    category_id = [det["category_id"] for det in results]
+    bbox = np.array([det["bbox"] for det in results], np.float64).reshape(n, 4)
+    score = np.array([det["score"] for det in results], np.float64).reshape(n)
+  return image_id, category_id, bbox.reshape(n, 4), score
+
+
 def coco_metrics(gt: Mapping[str, Any], detections: Sequence[Mapping[str, Any]], *,
-                 per_class: bool = False, verbose: bool = False) -> dict[str, float]:
+                 per_class: bool = False, verbose: bool = False,
+                 backend: str = "pycocotools") -> dict[str, float]:
   """The 12 COCO box stats of pycocotools' ``COCOeval``.
 
   Args:
@@ -268,7 +303,11 @@ def coco_metrics(gt: Mapping[str, Any], detections: Sequence[Mapping[str, Any]],
     detections: COCO result list, each ``image_id``, ``category_id``, ``bbox`` [x, y, w, h] pixels
       and ``score``. May be empty (every defined stat is then 0).
     per_class: also return ``"AP/<category name>"``: AP at IoU .50:.95, all areas, 100 detections.
-    verbose: let pycocotools print its progress and summary table.
+    verbose: let pycocotools print its progress and summary table (the other backends: their
+      own progress, if any, and the table).
+    backend: one of ``COCO_BACKENDS`` (:mod:`ssdjax.coco_backends`), all with pycocotools'
+      numbers: "pycocotools" (the reference), "faster_coco_eval" (the faster-coco-eval package, an
+      optional dependency) or "numpy" (pycocotools' algorithm vectorized here, the fastest).
 
   Returns:
     ``{name: value}`` with the keys of ``COCO_STATS`` in order (AP, AP50, ..., ARl), then the
@@ -276,35 +315,46 @@ def coco_metrics(gt: Mapping[str, Any], detections: Sequence[Mapping[str, Any]],
     convention, e.g. APs without small boxes, or a class without boxes).
 
   Raises:
-    ValueError: a detection names an image or category that the ground truth does not have, or an
-      entry misses a field.
+    ValueError: a detection names an image or category that the ground truth does not have, an
+      entry misses a field, or ``backend`` is not one of ``COCO_BACKENDS``.
+    ImportError: backend "faster_coco_eval" without the faster-coco-eval package.
   """
+  coco_backends.check_backend(backend)
   gt = _coco_gt_copy(gt)
   image_ids = {im["id"] for im in gt["images"]}
   category_ids = {c["id"] for c in gt["categories"]}
-  results = _coco_results_copy(detections, image_ids, category_ids)
-  quiet = contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO())
-  with quiet:
-    coco_gt = COCO()
-    coco_gt.dataset = gt
-    coco_gt.createIndex()
-    if results:
-      coco_dt = coco_gt.loadRes(results)
-    else:
-      # loadRes cannot take an empty list; an empty result set scores 0 wherever gt exists.
-      coco_dt = COCO()
-      coco_dt.dataset = {"images": gt["images"], "categories": gt["categories"], "annotations": []}
-      coco_dt.createIndex()
-    evaluator = COCOeval(coco_gt, coco_dt, iouType="bbox")
-    evaluator.evaluate()
-    evaluator.accumulate()
-    evaluator.summarize()
-  out = {name: float(v) for name, v in zip(COCO_STATS, evaluator.stats)}
+  if backend == "numpy":
+    stats, precision, cat_ids = coco_backends.numpy_coco_stats(
+        gt, *_coco_results_arrays(detections, image_ids, category_ids), verbose=verbose)
+  elif backend == "faster_coco_eval":
+    stats, precision, cat_ids = coco_backends.faster_coco_eval_stats(
+        gt, _coco_results_copy(detections, image_ids, category_ids), verbose=verbose)
+  else:
+    results = _coco_results_copy(detections, image_ids, category_ids)
+    quiet = contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO())
+    with quiet:
+      coco_gt = COCO()
+      coco_gt.dataset = gt
+      coco_gt.createIndex()
+      if results:
+        coco_dt = coco_gt.loadRes(results)
+      else:
+        # loadRes cannot take an empty list; an empty result set scores 0 wherever gt exists.
+        coco_dt = COCO()
+        coco_dt.dataset = {"images": gt["images"], "categories": gt["categories"],
+                           "annotations": []}
+        coco_dt.createIndex()
+      evaluator = COCOeval(coco_gt, coco_dt, iouType="bbox")
+      evaluator.evaluate()
+      evaluator.accumulate()
+      evaluator.summarize()
+    stats, precision = evaluator.stats, evaluator.eval["precision"]
+    cat_ids = evaluator.params.catIds
+  out = {name: float(v) for name, v in zip(COCO_STATS, stats)}
   if per_class:
     # precision: [T iou thresholds, R recall thresholds, K categories, A areas, M max dets]; -1 = no gt.
-    precision = evaluator.eval["precision"]
     names = {c["id"]: str(c.get("name", c["id"])) for c in gt["categories"]}
-    for k, cat_id in enumerate(evaluator.params.catIds):
+    for k, cat_id in enumerate(cat_ids):
       p = precision[:, :, k, 0, -1]  # area "all", maxDets 100
       out[f"AP/{names[cat_id]}"] = float(np.mean(p[p > -1])) if (p > -1).any() else -1.0
   return out
@@ -464,13 +514,16 @@ METRICS = ("voc07", "voc", "coco")
 
 
 def evaluate(gt_records: Sequence[Mapping[str, Any]], det_records: Sequence[Mapping[str, Any]],
-             class_names: Sequence[str], metrics: Sequence[str] = METRICS) -> dict[str, float]:
+             class_names: Sequence[str], metrics: Sequence[str] = METRICS, *,
+             backend: str = "pycocotools") -> dict[str, float]:
   """Several metric families on in-memory records, as one flat dict for logging.
 
   Args:
     gt_records, det_records, class_names: as in :func:`voc_metrics`.
     metrics: any of ``METRICS``: "voc07" (VOC2007 11-point AP at IoU 0.5), "voc" (VOC2010+ area
-      AP at IoU 0.5), "coco" (the 12 COCO stats plus per-class AP, via pycocotools).
+      AP at IoU 0.5), "coco" (the 12 COCO stats plus per-class AP, as pycocotools gives them).
+    backend: the COCO backend, see :func:`coco_metrics`; checked even when "coco" is not asked for,
+      so that a typo fails on the first call.
 
   Returns:
     Keys prefixed by the metric family: ``voc07/mAP``, ``voc07/AP/<name>``, ``voc/mAP``,
@@ -482,6 +535,7 @@ def evaluate(gt_records: Sequence[Mapping[str, Any]], det_records: Sequence[Mapp
   unknown = [m for m in metrics if m not in METRICS]
   if unknown:
     raise ValueError(f"unknown metrics {unknown}; valid metrics are {list(METRICS)}")
+  coco_backends.check_backend(backend)
   names = _check_class_names(class_names)
   gts = _parse_gt(gt_records, len(names))
   dets = _parse_dets(det_records, {g["image_id"] for g in gts}, len(names))
@@ -493,6 +547,6 @@ def evaluate(gt_records: Sequence[Mapping[str, Any]], det_records: Sequence[Mapp
         out.update({f"{family}/{k}": v for k, v in _voc_from_curves(curves, names, use_07).items()})
   if "coco" in metrics:
     stats = coco_metrics(to_coco(gt_records, names), detections_to_coco(det_records, gt_records),
-                         per_class=True)
+                         per_class=True, backend=backend)
     out.update({f"coco/{k}": v for k, v in stats.items()})
   return out

@@ -188,6 +188,250 @@ def test_to_coco_and_detections_to_coco_by_hand():
   assert res[0]["score"] == pytest.approx(0.3)
 
 
+# ---------------------------------------------------------------- COCO backends against pycocotools
+
+FAST_BACKENDS = ("numpy", "faster_coco_eval")
+
+
+def need_backend(backend):
+  if backend == "faster_coco_eval":
+    pytest.importorskip("faster_coco_eval")
+
+
+def assert_like_pycocotools(got, gt, results, per_class=True):
+  """The 12 stats (and each "AP/<name>") of `got` against pycocotools run here, to 1e-6."""
+  want = direct_cocoeval(gt, results)
+  np.testing.assert_allclose([got[k] for k in STATS], want, rtol=0, atol=1e-6)
+  for cat in gt["categories"] if per_class else ():
+    want = direct_cocoeval(gt, results, cat_ids=[cat["id"]])[0]
+    assert got[f"AP/{cat['name']}"] == pytest.approx(want, rel=0, abs=1e-6), cat
+
+
+def coco_random_set(seed, num_images=40):
+  """A COCO gt dict and result list in pixels with every case the backends must get right.
+
+  Category ids 3, 7, 90 (non-contiguous) and 50 (detections, no gt); image ids descending and
+  non-contiguous; every 6th image without gt, every 5th without detections; crowd boxes with
+  detections inside them; sizes of all three COCO area ranges; some gt boxes duplicated (IoU ties
+  between gts) and some detections equal to their gt (IoU 1); scores rounded to 0.1 (score ties
+  within and across images); one image/category pair with more than 100 detections (maxDets cut).
+  """
+  rng = np.random.default_rng(seed)
+  gt = {"images": [], "annotations": [],
+        "categories": [{"id": c, "name": f"c{c}"} for c in (90, 3, 50, 7)]}
+  results = []
+  for i in range(num_images):
+    image_id, width, height = 1000 - 7 * i, int(rng.integers(200, 641)), int(rng.integers(200, 481))
+    gt["images"].append({"id": image_id, "height": height, "width": width})
+    n = 0 if i % 6 == 0 else int(rng.integers(1, 8))
+    side = np.exp(rng.uniform(np.log(4), np.log(300), n))  # sqrt(area): small < 32 <= medium < 96
+    aspect = np.exp(rng.normal(0, 0.3, n))
+    wh = np.stack([np.minimum(side * aspect, width - 1), np.minimum(side / aspect, height - 1)], 1)
+    xy = rng.uniform(0, 1, (n, 2)) * (np.array([width, height]) - wh)
+    boxes = np.concatenate([xy, wh], 1)  # [n, 4] xywh
+    if n >= 2 and rng.random() < 0.3:
+      boxes[1] = boxes[0]  # two gts the same: ties between gts
+    cats = rng.choice([3, 7, 90], n)
+    crowd = rng.random(n) < 0.15
+    for box, cat, c in zip(boxes.tolist(), cats.tolist(), crowd.tolist()):
+      gt["annotations"].append({"id": len(gt["annotations"]) + 1, "image_id": image_id,
+                                "category_id": cat, "bbox": box, "area": box[2] * box[3],
+                                "iscrowd": int(c)})
+    if i % 5 == 4:
+      continue
+    copies = rng.integers(0, 4, n)
+    d = np.repeat(boxes, copies, 0)
+    d_cats = np.repeat(cats, copies)
+    exact = rng.random(len(d)) < 0.2
+    jitter = rng.normal(0, 0.15, d.shape) * np.tile(d[:, 2:], 2)
+    d = np.where(exact[:, None], d, d + jitter)
+    regions = boxes[crowd]  # smaller boxes inside the crowd regions
+    offset = rng.uniform(0, 0.5, (len(regions), 2)) * regions[:, 2:]
+    inside = np.concatenate([regions[:, :2] + offset, regions[:, 2:] * 0.4], 1)
+    clutter_wh = np.exp(rng.uniform(np.log(3), np.log(250), (int(rng.integers(0, 12)), 2)))
+    clutter = np.concatenate([rng.uniform(0, 1, clutter_wh.shape) * [width, height], clutter_wh], 1)
+    d = np.concatenate([d, inside, clutter])
+    d[:, 2:] = np.abs(d[:, 2:]) + 0.5
+    d_cats = np.concatenate([d_cats, cats[crowd], rng.choice([3, 7, 90, 50], len(clutter))])
+    wrong = rng.random(len(d_cats)) < 0.1
+    d_cats = np.where(wrong, rng.choice([3, 7, 90, 50], len(d_cats)), d_cats)
+    scores = np.round(rng.uniform(0.05, 1.0, len(d)), 1)
+    if i == 1:  # 110 high-score false positives of a gt's category: its true ones fall past 100
+      many = np.tile(rng.uniform(20, 60, (1, 2)), (110, 1))
+      d = np.concatenate([d, np.concatenate([rng.uniform(0, 150, (110, 2)), many], 1)])
+      d_cats = np.concatenate([d_cats, np.full(110, cats[0])])
+      scores = np.concatenate([scores, np.round(rng.uniform(0.9, 1.0, 110), 2)])
+    for box, cat, score in zip(d.tolist(), d_cats.tolist(), scores.tolist()):
+      results.append({"image_id": image_id, "category_id": cat, "bbox": box, "score": score})
+  return gt, results
+
+
+def test_coco_random_set_has_the_cases():
+  """The parity test below is only as strong as the set: check that each case is in it."""
+  for seed in range(5):
+    gt, results = coco_random_set(seed)
+    areas = np.array([a["area"] for a in gt["annotations"]])
+    assert (areas < 32 ** 2).any() and ((areas > 32 ** 2) & (areas < 96 ** 2)).any()
+    assert (areas > 96 ** 2).any()
+    assert any(a["iscrowd"] for a in gt["annotations"])
+    with_gt = {a["image_id"] for a in gt["annotations"]}
+    with_dets = {r["image_id"] for r in results}
+    image_ids = {im["id"] for im in gt["images"]}
+    assert image_ids - with_gt and with_gt - with_dets
+    assert 50 not in {a["category_id"] for a in gt["annotations"]}
+    assert 50 in {r["category_id"] for r in results}
+    scores = [r["score"] for r in results]
+    assert len(set(scores)) < len(scores) / 5  # many ties
+    pairs = {}
+    for r in results:
+      pairs[r["image_id"], r["category_id"]] = pairs.get((r["image_id"], r["category_id"]), 0) + 1
+    assert max(pairs.values()) > 100
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+@pytest.mark.parametrize("seed", [0, 1, 2, 3, 4])
+def test_coco_backends_equal_pycocotools(seed, backend):
+  need_backend(backend)
+  gt, results = coco_random_set(seed)
+  got = evaluation.coco_metrics(gt, results, per_class=True, backend=backend)
+  assert list(got)[:12] == list(STATS)
+  assert_like_pycocotools(got, gt, results)
+  assert got["AP/c50"] == -1.0  # no gt: undefined, not 0
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+def test_coco_backends_on_record_sets_and_edge_cases(backend):
+  """The sets of the pycocotools tests (crowd, difficult, empty images), no detections, no small
+  boxes, a class without boxes, perfect detections."""
+  need_backend(backend)
+  cases = []
+  for seed in range(4):
+    gts, dets = rand_records(seed)
+    cases.append((evaluation.to_coco(gts, NAMES), evaluation.detections_to_coco(dets, gts)))
+  gt = sized_gt()
+  perfect = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"],
+              "score": 0.9} for a in gt["annotations"]]
+  cases += [(gt, perfect), (gt, [])]
+  no_small = sized_gt()
+  no_small["annotations"] = [a for a in no_small["annotations"] if a["area"] >= 32 ** 2]
+  no_small["categories"].append({"id": 3, "name": "bird"})
+  cases += [(no_small, perfect[1:]), (no_small, [])]
+  for gt, results in cases:
+    assert_like_pycocotools(evaluation.coco_metrics(gt, results, per_class=True, backend=backend),
+                            gt, results)
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+def test_coco_backends_break_iou_ties_like_pycocotools(backend):
+  """A detection with the same IoU (9/11) with two gts takes the last one in dataset order; the
+  next detection then takes the other at IoU 1, not the leftover one at IoU 2/3 (which would be a
+  false positive at IoU .75)."""
+  need_backend(backend)
+  gt = {"images": [{"id": 1, "height": 100, "width": 100}], "categories": [{"id": 1, "name": "a"}],
+        "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [0, 0, 10, 10]},
+                        {"id": 2, "image_id": 1, "category_id": 1, "bbox": [2, 0, 10, 10]}]}
+  results = [{"image_id": 1, "category_id": 1, "bbox": [1, 0, 10, 10], "score": 0.9},
+             {"image_id": 1, "category_id": 1, "bbox": [0, 0, 10, 10], "score": 0.8}]
+  filled = evaluation._coco_gt_copy(gt)  # area and iscrowd, which pycocotools needs
+  assert direct_cocoeval(filled, results)[2] == pytest.approx(1.0)  # AP75: two true positives
+  assert_like_pycocotools(evaluation.coco_metrics(gt, results, per_class=True, backend=backend),
+                          filled, results)
+
+
+@pytest.mark.filterwarnings("ignore:Found annotation id 0")  # faster-coco-eval warns about it
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+def test_coco_backends_follow_pycocotools_quirks(backend):
+  """Cases no random set hits: annotations of unlisted images or categories (pycocotools skips
+  them), annotation id 0 (pycocotools' match marker: such a gt is taken but never a true
+  positive), a detection on a crowd region that also fits a box, a detection with zero area."""
+  need_backend(backend)
+  gt = sized_gt()
+  gt["annotations"][0]["id"] = 0
+  gt["annotations"].append({"id": 50, "image_id": 99, "category_id": 1, "bbox": [0, 0, 50, 50],
+                            "area": 2500, "iscrowd": 0})
+  gt["annotations"].append({"id": 51, "image_id": 1, "category_id": 8, "bbox": [0, 0, 50, 50],
+                            "area": 2500, "iscrowd": 0})
+  gt["annotations"].append({"id": 52, "image_id": 2, "category_id": 1, "bbox": [0, 0, 300, 200],
+                            "area": 60000, "iscrowd": 1})
+  results = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"],
+              "score": 0.9} for a in gt["annotations"] if a["id"] < 50 or a["id"] == 52]
+  results += [{"image_id": 1, "category_id": 1, "bbox": [10, 10, 0, 20], "score": 0.95},
+              {"image_id": 2, "category_id": 1, "bbox": [1, 1, 290, 190], "score": 0.3}]
+  assert_like_pycocotools(evaluation.coco_metrics(gt, results, per_class=True, backend=backend),
+                          gt, results)
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+def test_coco_backends_silent_unless_verbose_and_do_not_mutate(backend, capsys):
+  need_backend(backend)
+  gt, results = coco_random_set(7, num_images=10)
+  gt_before, results_before = copy.deepcopy(gt), copy.deepcopy(results)
+  evaluation.coco_metrics(gt, results, backend=backend)
+  assert capsys.readouterr().out == ""
+  assert gt == gt_before and results == results_before
+  evaluation.coco_metrics(gt, results, backend=backend, verbose=True)
+  assert "Average Precision" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+def test_coco_backends_reject_bad_detections_like_pycocotools(backend):
+  need_backend(backend)
+  gt = sized_gt()
+  ok = {"image_id": 1, "category_id": 1, "bbox": [0, 0, 5, 5], "score": 0.5}
+  for bad, match in [(dict(ok, image_id=77), "image_id 77"),
+                     (dict(ok, category_id=0), "category_id 0"),
+                     (dict(ok, bbox=[0, 0, float("nan"), 5]), "bbox must be 4 finite"),
+                     (dict(ok, bbox=[0, 0, 5]), "bbox must be 4 finite"),
+                     (dict(ok, score=float("inf")), "score finite"),
+                     ({k: v for k, v in ok.items() if k != "score"}, "missing 'score'")]:
+    for fn_backend in ("pycocotools", backend):
+      with pytest.raises(ValueError, match=match) as info:
+        evaluation.coco_metrics(gt, [ok, bad], backend=fn_backend)
+      assert "detections[1]" in str(info.value)
+
+
+def test_coco_backends_accept_numpy_scalars_and_int_boxes():
+  gt = sized_gt()
+  results = [{"image_id": np.int64(a["image_id"]), "category_id": np.int32(a["category_id"]),
+              "bbox": np.array(a["bbox"]), "score": np.float32(0.25 * (a["id"] % 4))}
+             for a in gt["annotations"]]
+  want = evaluation.coco_metrics(gt, results, per_class=True)
+  assert evaluation.coco_metrics(gt, results, per_class=True, backend="numpy") == want
+
+
+def test_unknown_coco_backend_raises_naming_the_valid_ones():
+  gt = sized_gt()
+  for fn in (lambda: evaluation.coco_metrics(gt, [], backend="torchmetrics"),
+             lambda: evaluation.evaluate(*hand_case(), ("cat",), backend="torchmetrics"),
+             lambda: evaluation.evaluate(*hand_case(), ("cat",), metrics=("voc",),
+                                         backend="torchmetrics")):
+    with pytest.raises(ValueError, match="torchmetrics") as info:
+      fn()
+    for name in ("pycocotools", "faster_coco_eval", "numpy"):
+      assert repr(name) in str(info.value)
+  assert evaluation.COCO_BACKENDS == ("pycocotools", "faster_coco_eval", "numpy")
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+def test_evaluate_passes_backend_through(backend, monkeypatch):
+  need_backend(backend)
+  gts, dets = rand_records(31)
+  seen, real = [], evaluation.coco_metrics
+
+  def spy(*args, **kwargs):
+    seen.append(kwargs.get("backend"))
+    return real(*args, **kwargs)
+
+  monkeypatch.setattr(evaluation, "coco_metrics", spy)
+  out = evaluation.evaluate(gts, dets, NAMES, metrics=("coco",), backend=backend)
+  assert seen == [backend]
+  gt = evaluation.to_coco(gts, NAMES)
+  results = evaluation.detections_to_coco(dets, gts)
+  assert_like_pycocotools({k[len("coco/"):]: v for k, v in out.items()}, gt, results)
+  evaluation.evaluate(gts, dets, NAMES, metrics=("coco",))
+  assert seen == [backend, "pycocotools"]  # the default
+
+
 # ---------------------------------------------------------------- VOC devkit port
 
 def devkit_voc_ap(rec, prec, use_07_metric):
