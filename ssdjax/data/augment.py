@@ -6,7 +6,9 @@ fields (boxes, labels, difficult, is_crowd) are always filtered together. The or
 :func:`augment` is Caffe's: photometric distortion -> expand (zoom out) -> random IoU crop ->
 horizontal flip; the pipeline then resizes (:func:`resize`) and normalizes (:func:`normalize`).
 Boxes that a crop makes thinner than ``MIN_BOX_SIDE`` are dropped: that is augmentation,
-not bad data.
+not bad data. :func:`augment` is :func:`draw_params` (every random draw, in order) then
+:func:`apply_params`; :mod:`ssdjax.augment` is the same augmentation in JAX, on the accelerator,
+and its tests feed it the draws of this module.
 """
 
 from __future__ import annotations
@@ -16,23 +18,19 @@ from typing import Sequence
 import numpy as np
 import PIL.Image
 
+from ssdjax import augment as device_augment
 from ssdjax.data import records
 
-# Caffe SSD's distort_param (brightness / contrast / saturation / hue, each applied with p=0.5).
-_DISTORT_PROB = 0.5
-_BRIGHTNESS_DELTA = 32.0
-_CONTRAST_RANGE = (0.5, 1.5)
-_SATURATION_RANGE = (0.5, 1.5)
-_HUE_DELTA = 18.0 * 256.0 / 180.0  # Caffe shifts OpenCV's 0..180 hue by up to 18; PIL's is 0..255
-
-# A crop that leaves a box thinner than this (normalized) leaves no object worth training on.
-MIN_BOX_SIDE = 1e-3
-
-# Caffe SSD's batch_sampler: the whole image, then crops with at least this IoU with some gt box,
-# then an unconstrained crop (None). Crops have scale [0.3, 1] and aspect ratio [0.5, 2].
-CROP_MIN_IOUS = (0.1, 0.3, 0.5, 0.7, 0.9, None)
-_CROP_SCALE = (0.3, 1.0)
-_CROP_ASPECT = (0.5, 2.0)
+# Caffe's constants are shared with the device path (ssdjax.augment), which mirrors this module.
+_DISTORT_PROB = device_augment.DISTORT_PROB
+_BRIGHTNESS_DELTA = device_augment.BRIGHTNESS_DELTA
+_CONTRAST_RANGE = device_augment.CONTRAST_RANGE
+_SATURATION_RANGE = device_augment.SATURATION_RANGE
+_HUE_DELTA = device_augment.HUE_DELTA  # Caffe's 18 of OpenCV's 0..180 hue, on PIL's 0..255 scale
+MIN_BOX_SIDE = device_augment.MIN_BOX_SIDE
+CROP_MIN_IOUS = device_augment.CROP_MIN_IOUS
+_CROP_SCALE = device_augment.CROP_SCALE
+_CROP_ASPECT = device_augment.CROP_ASPECT
 
 
 def photometric_distort(image: np.ndarray, rng: np.random.Generator, *,
@@ -47,30 +45,53 @@ def photometric_distort(image: np.ndarray, rng: np.random.Generator, *,
   Returns:
     uint8 [H, W, 3]; values are clipped to [0, 255] after each step, as Caffe's uint8 images are.
   """
+  return apply_photometric(image, photometric_params(rng, channel_swap_prob=channel_swap_prob))
+
+
+def photometric_params(rng: np.random.Generator, *, channel_swap_prob: float) -> dict:
+  """:func:`photometric_distort`'s draws, in its order; a step that is not drawn is None.
+
+  Returns:
+    {"brightness": delta, "contrast_first": bool, "contrast": factor, "saturation": factor,
+     "hue": shift on PIL's 0..255 hue, "channel_perm": [3] int}.
+  """
+  draw = lambda low, high: rng.uniform(low, high) if rng.random() < _DISTORT_PROB else None
+  params = {"brightness": draw(-_BRIGHTNESS_DELTA, _BRIGHTNESS_DELTA),
+            "contrast_first": rng.random() < 0.5}
+  if params["contrast_first"]:
+    params["contrast"] = draw(*_CONTRAST_RANGE)
+  params["saturation"] = draw(*_SATURATION_RANGE)
+  params["hue"] = draw(-_HUE_DELTA, _HUE_DELTA)
+  if not params["contrast_first"]:
+    params["contrast"] = draw(*_CONTRAST_RANGE)
+  swap = channel_swap_prob > 0 and rng.random() < channel_swap_prob
+  params["channel_perm"] = rng.permutation(3) if swap else None
+  return params
+
+
+def apply_photometric(image: np.ndarray, params: dict) -> np.ndarray:
+  """uint8 [H, W, 3] -> uint8 [H, W, 3] with the draws of :func:`photometric_params`."""
   image = image.astype(np.float32)
-  if rng.random() < _DISTORT_PROB:
-    image = np.clip(image + rng.uniform(-_BRIGHTNESS_DELTA, _BRIGHTNESS_DELTA), 0, 255)
-  contrast_first = rng.random() < 0.5
-  if contrast_first:
-    image = _random_contrast(image, rng)
-  image = _random_saturation_hue(image, rng)
-  if not contrast_first:
-    image = _random_contrast(image, rng)
-  if channel_swap_prob > 0 and rng.random() < channel_swap_prob:
-    image = image[..., rng.permutation(3)]
+  if params["brightness"] is not None:
+    image = np.clip(image + params["brightness"], 0, 255)
+  if params["contrast_first"]:
+    image = _contrast(image, params["contrast"])
+  image = _saturation_hue(image, params["saturation"], params["hue"])
+  if not params["contrast_first"]:
+    image = _contrast(image, params["contrast"])
+  if params["channel_perm"] is not None:
+    image = image[..., params["channel_perm"]]
   return np.rint(image).astype(np.uint8)
 
 
-def _random_contrast(image, rng):
-  if rng.random() < _DISTORT_PROB:
-    image = np.clip(image * np.float32(rng.uniform(*_CONTRAST_RANGE)), 0, 255)
+def _contrast(image, contrast):
+  if contrast is not None:
+    image = np.clip(image * np.float32(contrast), 0, 255)
   return image
 
 
-def _random_saturation_hue(image, rng):
+def _saturation_hue(image, saturation, hue):
   """Saturation scale and hue shift in HSV (PIL: all channels 0..255, hue wraps around)."""
-  saturation = rng.uniform(*_SATURATION_RANGE) if rng.random() < _DISTORT_PROB else None
-  hue = rng.uniform(-_HUE_DELTA, _HUE_DELTA) if rng.random() < _DISTORT_PROB else None
   if saturation is None and hue is None:
     return image
   rgb = PIL.Image.fromarray(np.rint(image).astype(np.uint8), "RGB")
@@ -96,11 +117,16 @@ def expand(record: records.Record, rng: np.random.Generator, *, max_ratio: float
   Returns:
     (record on the canvas, (left, top) pixel offset of the image in the canvas).
   """
+  geometry = _expand_geometry(record["image"].shape[:2], rng, max_ratio)
+  return _expand_with(record, geometry, fill_rgb), geometry[2:]
+
+
+def _expand_with(record, geometry, fill_rgb) -> records.Record:
+  """:func:`expand` with drawn (canvas height, canvas width, left, top)."""
   image = record["image"]
-  new_h, new_w, left, top = _expand_geometry(image.shape[:2], rng, max_ratio)
-  out = dict(record, boxes=_expanded_boxes(record["boxes"], image.shape[:2], new_h, new_w, left, top),
-             image=_canvas_window(image, left, top, (0, 0, new_w, new_h), fill_rgb))
-  return out, (left, top)
+  new_h, new_w, left, top = geometry
+  return dict(record, boxes=_expanded_boxes(record["boxes"], image.shape[:2], new_h, new_w, left, top),
+              image=_canvas_window(image, left, top, (0, 0, new_w, new_h), fill_rgb))
 
 
 def _expand_geometry(image_hw, rng, max_ratio) -> tuple[int, int, int, int]:
@@ -256,23 +282,51 @@ def augment(record: records.Record, rng: np.random.Generator, aug, *,
   Returns:
     The augmented record (uint8 image, not yet resized).
   """
-  if aug.photometric:
-    record = dict(record, image=photometric_distort(
-        record["image"], rng, channel_swap_prob=aug.channel_swap_prob))
+  return apply_params(record, draw_params(record, rng, aug), fill_rgb=fill_rgb)
+
+
+def draw_params(record: records.Record, rng: np.random.Generator, aug) -> dict:
+  """:func:`augment`'s random draws, in its order (they need the boxes and image size only).
+
+  Returns:
+    {"photometric": :func:`photometric_params` or None, "expand": (canvas height, canvas width,
+     left, top) in pixels or None, "crop_px": [4] int xyxy window in pixels of the (expanded)
+     image or None, "hflip": bool}.
+  """
+  params = {"photometric": (photometric_params(rng, channel_swap_prob=aug.channel_swap_prob)
+                            if aug.photometric else None)}
+  image_hw = record["image"].shape[:2]
   expanded = aug.expand and rng.random() < aug.expand_prob
-  if expanded and aug.random_crop:
-    # expand() then random_crop() with the same draws, without building the whole canvas (up to
-    # expand_max_ratio**2 times the image): only the crop window of the canvas is painted.
+  params["expand"] = _expand_geometry(image_hw, rng, aug.expand_max_ratio) if expanded else None
+  params["crop_px"] = None
+  if aug.random_crop:
+    boxes, crop_hw = record["boxes"], image_hw
+    if expanded:
+      new_h, new_w, left, top = params["expand"]
+      boxes, crop_hw = _expanded_boxes(boxes, image_hw, new_h, new_w, left, top), (new_h, new_w)
+    params["crop_px"] = _crop_window_px(boxes, rng, aug.crop_trials, crop_hw)
+  params["hflip"] = bool(aug.hflip and rng.random() < 0.5)
+  return params
+
+
+def apply_params(record: records.Record, params: dict, *,
+                 fill_rgb: Sequence[float]) -> records.Record:
+  """Applies the draws of :func:`draw_params`: photometric -> expand -> crop -> flip."""
+  if params["photometric"] is not None:
+    record = dict(record, image=apply_photometric(record["image"], params["photometric"]))
+  expansion, window_px = params["expand"], params["crop_px"]
+  if expansion is not None and window_px is not None:
+    # expand() then crop() without building the whole canvas (up to expand_max_ratio**2 times the
+    # image): only the crop window of the canvas is painted.
     image = record["image"]
-    new_h, new_w, left, top = _expand_geometry(image.shape[:2], rng, aug.expand_max_ratio)
+    new_h, new_w, left, top = expansion
     boxes = _expanded_boxes(record["boxes"], image.shape[:2], new_h, new_w, left, top)
-    window_px = _crop_window_px(boxes, rng, aug.crop_trials, (new_h, new_w))
     record = _crop_boxes(dict(record, boxes=boxes), window_px, (new_h, new_w))
     record["image"] = _canvas_window(image, left, top, window_px, fill_rgb)
-  elif expanded:
-    record, _ = expand(record, rng, max_ratio=aug.expand_max_ratio, fill_rgb=fill_rgb)
-  elif aug.random_crop:
-    record, _ = random_crop(record, rng, trials=aug.crop_trials)
-  if aug.hflip and rng.random() < 0.5:
+  elif expansion is not None:
+    record = _expand_with(record, expansion, fill_rgb)
+  elif window_px is not None:
+    record = crop(record, window_px)
+  if params["hflip"]:
     record = hflip(record)
   return record
