@@ -19,20 +19,18 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from configs import ssd300_voc, synthetic  # pylint: disable=g-import-not-at-top
+from ssdjax import config as config_lib  # pylint: disable=g-import-not-at-top
 from ssdjax import data  # pylint: disable=g-import-not-at-top
 
 
 def voc_like_config(batch_size: int, num_workers: int):
-  config = ssd300_voc.get_config()
-  config.class_names = synthetic.SHAPE_CLASSES
-  config.num_classes = len(synthetic.SHAPE_CLASSES) + 1
+  config = config_lib.defaults()  # configs/ssd300_voc.py
   config.train.batch_size = batch_size
   d = config.data
   d.source, d.train, d.num_workers = "synthetic", ("train",), num_workers
   d.synthetic.update(dict(num_train=5000, image_hw=(375, 500), min_objects=1, max_objects=5,
-                          num_classes=len(synthetic.SHAPE_CLASSES)))
-  return config
+                          num_classes=4))
+  return data.resolve_classes(config)
 
 
 def images_per_second(config, *, batches: int, runs: int) -> tuple[float, list[float]]:

@@ -9,7 +9,6 @@ so only the compute is measured.
 """
 
 import argparse
-import importlib
 import os
 import platform
 import statistics
@@ -21,7 +20,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import jax  # pylint: disable=g-import-not-at-top
 import numpy as np
 
-from ssdjax import train  # pylint: disable=g-import-not-at-top
+from ssdjax import config as config_lib  # pylint: disable=g-import-not-at-top
+from ssdjax import data, train  # pylint: disable=g-import-not-at-top
+from ssdjax.data import categories  # pylint: disable=g-import-not-at-top
 
 
 def random_batch(config, batch_size, seed=0):
@@ -34,20 +35,27 @@ def random_batch(config, batch_size, seed=0):
   return {
       "images": rng.normal(size=(batch_size, config.image_size, config.image_size, 3)).astype(np.float32),
       "gt_boxes": np.concatenate([xy, xy + wh], -1).astype(np.float32) * mask[..., None],
-      "gt_labels": np.where(mask, rng.integers(1, config.num_classes, (batch_size, g)), 0).astype(np.int32),
+      "gt_labels": np.where(mask, rng.integers(1, len(config.class_names) + 1, (batch_size, g)),
+                            0).astype(np.int32),
       "gt_mask": mask,
   }
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--config", default="ssd300_voc", help="module name in configs/")
+  parser.add_argument("--config", default="ssd300_voc", help="name of a file in configs/")
   parser.add_argument("--batch_size", type=int, default=8)
   parser.add_argument("--steps", type=int, default=5)
   parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   args = parser.parse_args()
 
-  config = importlib.import_module(f"configs.{args.config}").get_config()
+  config = config_lib.load_file(os.path.join(os.path.dirname(__file__), "..", "configs",
+                                             f"{args.config}.py"))
+  if config.data.source == "synthetic":
+    config = data.resolve_classes(config)
+  elif config.class_names is None:  # random data: the class count of the config's data set
+    config.class_names = (categories.COCO_CLASSES if "coco" in args.config
+                          else categories.VOC_CLASSES)
   config.train.batch_size = args.batch_size
   config.eval.batch_size = args.batch_size
   config.model.compute_dtype = args.dtype

@@ -84,7 +84,7 @@ def main():
   import torchvision  # pylint: disable=g-import-not-at-top
   from torchvision.models.detection import ssd300_vgg16  # pylint: disable=g-import-not-at-top
 
-  from configs import ssd300_coco_torchvision  # pylint: disable=g-import-not-at-top
+  from ssdjax import config as config_lib  # pylint: disable=g-import-not-at-top
   from ssdjax import convert, train  # pylint: disable=g-import-not-at-top
 
   jax_gpus = [d for d in jax.devices() if d.platform == "gpu"]
@@ -109,7 +109,8 @@ def main():
         f"(= os.cpu_count()); batch {args.batch_size}, {args.dtype}, median of {args.steps} runs "
         f"after {WARMUP} warm-up")
 
-  config = ssd300_coco_torchvision.get_config()
+  config = config_lib.load_file(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..",
+                                             "configs", "ssd300_coco_torchvision.py"))
   config.train.batch_size = config.eval.batch_size = args.batch_size
   config.model.compute_dtype = args.dtype
   config.optimizer.learning_rate, config.optimizer.momentum, config.optimizer.weight_decay = 1e-3, 0.9, 5e-4

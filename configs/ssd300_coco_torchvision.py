@@ -11,10 +11,11 @@ Variants (``--config=configs/ssd300_coco_torchvision.py:<variant>``):
 * ``""`` (default): torchvision's 91 outputs, indexed by COCO category id (1 = person, ...,
   90 = toothbrush); the 10 ids COCO does not use keep their unused outputs ("N/A" in torchvision,
   here named ``"N/A (<id>)"`` because class names must be unique). Gives torchvision's outputs
-  exactly. Use it with data whose labels are COCO category ids.
-* ``"coco80"``: the 80 COCO classes as contiguous labels 1..80, the numbering of the ``coco``
-  tfds data set and of COCO-JSON folders (``configs/ssd300_coco.py``). The converter keeps only
-  those 81 columns of the classification head, so the softmax runs over 81 instead of 91 logits.
+  exactly: for converting, predicting and exporting (data sets number their labels 1..80).
+* ``"coco80"``: the 80 COCO classes as contiguous labels 1..80 with COCO's category ids, the
+  numbering of the ``coco`` tfds data set and of COCO-JSON folders (``configs/ssd300_coco.py``).
+  The converter keeps only those 81 columns of the classification head, so the softmax runs over
+  81 instead of 91 logits.
   Evaluate and fine-tune on COCO with this variant.
 
 Differences from ``configs/ssd300_coco.py`` (the paper / Caffe), all torchvision's defaults:
@@ -22,40 +23,25 @@ per-gt-best matching instead of bipartite, anchor sizes clamped in cxcywh (``cli
 torchvision's mean and std, weight decay on every parameter (biases and the L2Norm scale too).
 """
 
-import ml_collections
-
-from configs import ssd300_coco
-
-# torchvision.models._meta._COCO_CATEGORIES: the name of each of ssd300_vgg16's 91 outputs.
-TORCHVISION_COCO_CATEGORIES = (
-    "__background__", "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train",
-    "truck", "boat", "traffic light", "fire hydrant", "N/A", "stop sign", "parking meter", "bench",
-    "bird", "cat", "dog", "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe", "N/A",
-    "backpack", "umbrella", "N/A", "N/A", "handbag", "tie", "suitcase", "frisbee", "skis",
-    "snowboard", "sports ball", "kite", "baseball bat", "baseball glove", "skateboard", "surfboard",
-    "tennis racket", "bottle", "N/A", "wine glass", "cup", "fork", "knife", "spoon", "bowl",
-    "banana", "apple", "sandwich", "orange", "broccoli", "carrot", "hot dog", "pizza", "donut",
-    "cake", "chair", "couch", "potted plant", "bed", "N/A", "dining table", "N/A", "N/A", "toilet",
-    "N/A", "tv", "laptop", "mouse", "remote", "keyboard", "cell phone", "microwave", "oven",
-    "toaster", "sink", "refrigerator", "N/A", "book", "clock", "vase", "scissors", "teddy bear",
-    "hair drier", "toothbrush")
-
-# Foreground names of the 91-output model: label l = COCO category id l.
-COCO_V1_CLASSES = tuple(name if name != "N/A" else f"N/A ({i})"
-                        for i, name in enumerate(TORCHVISION_COCO_CATEGORIES))[1:]
+from ssdjax import config as config_lib
+from ssdjax.data import categories
 
 
 def get_config(variant: str = ""):
   if variant not in ("", "coco80"):
-    raise ValueError(f"unknown variant {variant!r} of configs/ssd300_coco_torchvision.py; "
-                     "valid: '' (91 outputs, COCO category ids) or 'coco80'")
-  c = ssd300_coco.get_config()
-  if variant != "coco80":
-    c.class_names = COCO_V1_CLASSES
-    c.num_classes = len(COCO_V1_CLASSES) + 1  # 91
-  # torchvision's DefaultBoxGenerator(clip=True) clamps w and h, not the corners. The field is
-  # rebuilt because a ConfigDict field keeps its type, and the base config's clip is a bool.
-  c.anchors = ml_collections.ConfigDict(dict(c.anchors.to_dict(), clip="wh"))
+    raise config_lib.ConfigError(
+        f"unknown variant {variant!r} of configs/ssd300_coco_torchvision.py; valid: '' (91 "
+        "outputs, COCO category ids) or 'coco80'")
+  c = config_lib.load_file("ssd300_coco.py", relative_to=__file__)
+  # The converted weights fix the outputs, so the class names are stated here and checked
+  # against the data's when a run starts.
+  if variant == "coco80":
+    c.class_names = categories.COCO_CLASSES
+    c.data.category_ids = categories.COCO_CATEGORY_IDS
+  else:
+    c.class_names = categories.COCO_V1_CLASSES  # label l = COCO category id l
+  # torchvision's DefaultBoxGenerator(clip=True) clamps w and h, not the corners.
+  c.anchors.clip = "wh"
   c.matching.strategy = "per_gt_best"  # torchvision's SSDMatcher
   # image_mean (0.48235, 0.45882, 0.40784) and std 1/255 on [0, 1] images = this mean on [0, 255].
   c.data.mean_rgb = (0.48235 * 255, 0.45882 * 255, 0.40784 * 255)

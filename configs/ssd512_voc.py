@@ -3,11 +3,11 @@ r"""SSD512 (VGG16) on VOC 07+12, Caffe's released prior boxes (24564 boxes).
   python -m ssdjax.main --config=configs/ssd512_voc.py --workdir=runs/ssd512_voc
 """
 
-from configs import ssd300_voc
+from ssdjax import config as config_lib
 
 
 def get_config():
-  c = ssd300_voc.get_config()
+  c = config_lib.defaults()
   c.image_size = 512
   a = c.anchors
   a.feature_sizes = (64, 32, 16, 8, 4, 2, 1)

@@ -10,7 +10,7 @@ config's augmentation (expand and IoU crops change box sizes, so coverage is mea
 sees it). ``--no_augment`` switches every augmentation off, to measure the data set's own boxes.
 Difficult (VOC) and crowd (COCO) boxes are left out, as in training.
 
-For each strategy of ``ssdjax.matching`` (``config.matching.iou_threshold``), over all gt boxes:
+For each strategy of ``ssdjax.matching`` (``config.matching.kwargs``), over all gt boxes:
 the fraction with at least one positive anchor and the mean number of positive anchors per gt
 (``ssdjax.matching.match_stats``). The best IoU of each gt with any anchor does not depend on the
 strategy; its mean and histogram (bins 0-0.3, 0.3-0.5, 0.5-0.7, 0.7-1, as fractions of the gts)
@@ -29,8 +29,7 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from absl import flags  # pylint: disable=g-import-not-at-top
-import jax
+import jax  # pylint: disable=g-import-not-at-top
 import numpy as np
 from PIL import ImageDraw
 
@@ -39,6 +38,7 @@ from ssdjax import anchors as anchors_lib
 from ssdjax import boxes as box_lib
 from ssdjax import data
 from ssdjax import matching
+from ssdjax import train
 from ssdjax import visualize
 
 BINS = (0.0, 0.3, 0.5, 0.7, 1.0)
@@ -64,9 +64,9 @@ def stream(config, num_images: int, seed: int):
 
 def draw_positives(config, image, gt_boxes, gt_labels, gt_mask, anchors, path: str) -> None:
   """One normalized image [S, S, 3] with its gt boxes and positive anchors, as a PNG."""
-  matched_idx, _ = matching.match(gt_boxes, gt_labels, gt_mask, anchors,
-                                  iou_threshold=float(config.matching.iou_threshold),
-                                  strategy=config.matching.strategy)  # [A]
+  kwargs = matching.from_config(config)
+  del kwargs["variances"]
+  matched_idx, _ = matching.match(gt_boxes, gt_labels, gt_mask, anchors, **kwargs)  # [A]
   matched_idx = np.asarray(matched_idx)
   pixels = image * np.asarray(config.data.std_rgb) + np.asarray(config.data.mean_rgb)  # [S, S, 3]
   pixels = np.clip(pixels, 0, 255)
@@ -75,7 +75,7 @@ def draw_positives(config, image, gt_boxes, gt_labels, gt_mask, anchors, path: s
   pixels = np.repeat(np.repeat(pixels.astype(np.uint8), scale, axis=0), scale, axis=1)
   valid = gt_mask & (gt_labels > 0)
   img = visualize.draw_detections(pixels, gt_boxes[valid],
-                                  gt_labels[valid], None, data.class_names(config), line_width=2)
+                                  gt_labels[valid], None, config.class_names, line_width=2)
   positive = matched_idx >= 0  # [A]
   anchors_xyxy = np.asarray(box_lib.cxcywh_to_xyxy(anchors[positive]))  # [P, 4]
   draw = ImageDraw.Draw(img)
@@ -85,13 +85,24 @@ def draw_positives(config, image, gt_boxes, gt_labels, gt_mask, anchors, path: s
   img.save(path)
 
 
+def strategies(config) -> dict[str, dict]:
+  """Matcher keyword arguments per strategy: the built-in ones at the config's IoU threshold,
+  and the config's own strategy with ``config.matching.kwargs``."""
+  kwargs = matching.from_config(config)
+  del kwargs["variances"]
+  threshold = config.matching.kwargs.get("iou_threshold", 0.5)
+  out = {s: {"strategy": s, "iou_threshold": threshold}
+         for s in matching.REGISTRY.builtin_names()}
+  out[kwargs["strategy"]] = kwargs
+  return out
+
+
 def anchor_stats(config, *, num_images: int, seed: int, draw: int = 0, draw_dir: str = ".") -> dict:
   """The statistics of the module docstring, as a JSON-ready dict."""
   anchors = anchors_lib.from_config(config)  # [A, 4] cxcywh
-  threshold = float(config.matching.iou_threshold)
-  stats_fns = {s: jax.jit(functools.partial(matching.match_stats, anchors=anchors,
-                                            iou_threshold=threshold, strategy=s))
-               for s in matching.names()}
+  stats_fns = {s: jax.jit(functools.partial(matching.match_stats, anchors=anchors, **kw))
+               for s, kw in strategies(config).items()}
+  threshold = config.matching.kwargs.get("iou_threshold")
   anchors_xyxy = box_lib.cxcywh_to_xyxy(anchors)  # [A, 4]
   best_iou_fn = jax.jit(jax.vmap(lambda g: box_lib.iou(g, anchors_xyxy).max(axis=1)))  # [B, G]
   sums = {s: {"matched_gt_fraction": 0.0, "positives_per_gt": 0.0} for s in stats_fns}
@@ -139,8 +150,8 @@ def main(argv=None) -> dict:
   if args.num_images < 1 or args.draw < 0:
     parser.error("--num_images must be >= 1 and --draw >= 0")
   try:
-    config = load_config(args.config, args.set)
-  except (ValueError, flags.Error) as e:
+    config = train.prepare_config(load_config(args.config, args.set))
+  except ValueError as e:
     parser.error(str(e))
   if args.no_augment:
     config.augment.update(dict(photometric=False, expand=False, random_crop=False, hflip=False))

@@ -6,6 +6,9 @@ r"""Head ablation: trains one config once per (head, seed) and tabulates accurac
 
 Each run trains ``--config`` (default configs/synthetic.py) with ``config.model.head`` and
 ``config.seed`` set, in ``<workdir>/<head>/seed<k>``, through ``ssdjax.train.train_and_evaluate``.
+``--heads`` takes registered names and import paths ``package.module:Name`` of heads written
+outside ssdjax (their folder is then ``package.module-Name``), e.g.
+``--heads=ssd,shared,experiments.custom_head.parts:TwoConvHead``.
 Rerunning the command resumes unfinished runs from their checkpoints and reuses finished ones (a run
 is finished when it holds ``final_metrics.json`` for the same number of steps; a finished run whose
 other config fields differ is reused with a note: use a new workdir to retrain). ``--set``
@@ -28,42 +31,25 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from absl import flags  # pylint: disable=g-import-not-at-top
-import jax
+import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp
-from ml_collections import config_flags
 import numpy as np
 
+from ssdjax import cli
 from ssdjax import models
 from ssdjax import train
-
-
-def _parse_config(argv: list[str]):
-  fv = flags.FlagValues()
-  config_flags.DEFINE_config_file("config", flag_values=fv, lock_config=False, sys_argv=argv)
-  fv(argv)
-  return fv.config
+from ssdjax.errors import UserError
 
 
 def load_config(path: str, overrides: list[str]):
-  """Loads ``get_config()`` from ``path`` and applies ``field=value`` overrides (dotted paths)."""
-  argv = ["head_ablation", f"--config={path}"]
-  base = _parse_config(argv)
-  for item in overrides:
-    field, sep, _ = item.partition("=")
-    node, parts = base, field.split(".")
-    for i, part in enumerate(parts):
-      if not sep or not hasattr(node, "keys") or part not in node:
-        where = "config." + ".".join(parts[:i]) if i else "the config"
-        valid = sorted(node.keys()) if hasattr(node, "keys") else []
-        raise ValueError(f"--set {item!r}: want FIELD=VALUE with an existing dotted field; "
-                         f"{where} has no field {part!r} (valid: {valid})")
-      node = node[part]
-  return _parse_config(argv + [f"--config.{item}" for item in overrides])
+  """Loads ``get_config()`` from ``path`` and applies ``field=value`` overrides (dotted paths),
+  parsed by the field's type as ``--config.<field>`` of ``ssdjax.main`` is; every field checked."""
+  return cli.load_config(path, overrides)
 
 
 def count_params(config) -> int:
-  """Number of parameters of the config's model (shapes only: nothing is computed)."""
+  """Number of parameters of the config's model (shapes only: nothing is computed); the config's
+  class names must be resolved (``train.prepare_config``)."""
   model = models.from_config(config)
   images = jax.ShapeDtypeStruct((1, config.image_size, config.image_size, 3), jnp.float32)
   shapes = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), images)
@@ -85,7 +71,7 @@ def run_one(config, workdir: str) -> tuple[dict, bool]:
     with open(os.path.join(workdir, "config.json")) as f:
       saved = json.load(f)
     if saved["train"]["num_steps"] == config.train.num_steps:  # else: resume to the new length
-      if saved != json.loads(config.to_json_best_effort()):
+      if saved != json.loads(train.prepare_config(config).to_json_best_effort()):
         print(f"  note: {workdir} was trained with another config; reusing it (new --workdir to "
               "retrain)", flush=True)
       with open(final_path) as f:
@@ -93,6 +79,11 @@ def run_one(config, workdir: str) -> tuple[dict, bool]:
   # The train step's retrace guard counts traces per call site, and every run here builds its
   # Trainer from the same one: each run starts with a fresh count.
   return train.train_and_evaluate(config, workdir, progress=sys.stderr.isatty()), False
+
+
+def head_dir(head: str) -> str:
+  """A folder name for a head: its registered name, or its import path with ':' as '-'."""
+  return head.replace(":", "-")
 
 
 def _mean_std(values):
@@ -108,21 +99,21 @@ def main(argv=None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--workdir", required=True)
   parser.add_argument("--config", default="configs/synthetic.py")
-  parser.add_argument("--heads", default=",".join(models.heads.names()),
-                      help="comma-separated head names (default: all)")
+  parser.add_argument("--heads", default=",".join(models.heads.REGISTRY.builtin_names()),
+                      help="comma-separated head names or import paths 'package.module:Name' "
+                      "(default: every built-in head)")
   parser.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds")
   parser.add_argument("--steps", type=int, default=None, help="overrides config.train.num_steps")
   parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                       help="config override, e.g. --set train.batch_size=16 (repeatable)")
   args = parser.parse_args(argv)
   heads = [h for h in args.heads.split(",") if h]
-  for h in heads:
-    if h not in models.heads.names():
-      parser.error(f"--heads: unknown head {h!r}; valid names: {', '.join(models.heads.names())}")
   try:
+    for h in heads:
+      models.heads.get(h)  # a name or an import path that resolves
     seeds = [int(s) for s in args.seeds.split(",") if s]
     base = load_config(args.config, args.set)
-  except (ValueError, flags.Error) as e:
+  except ValueError as e:
     parser.error(str(e))
   if not heads or not seeds:
     parser.error("--heads and --seeds need at least one entry each")
@@ -135,7 +126,8 @@ def main(argv=None) -> dict:
     return config
 
   try:  # traces every model now, so a head that does not fit the config stops the sweep early
-    params = {head: count_params(run_config(head, seeds[0])) for head in heads}
+    params = {head: count_params(train.prepare_config(run_config(head, seeds[0])))
+              for head in heads}
   except ValueError as e:
     parser.error(str(e))
   rows, total, i = [], len(heads) * len(seeds), 0
@@ -144,7 +136,7 @@ def main(argv=None) -> dict:
     for seed in seeds:
       i += 1
       config = run_config(head, seed)
-      workdir = os.path.join(args.workdir, head, f"seed{seed}")
+      workdir = os.path.join(args.workdir, head_dir(head), f"seed{seed}")
       print(f"[{i}/{total}] head={head} seed={seed}: {workdir}", flush=True)
       t0 = time.perf_counter()
       final, reused = run_one(config, workdir)

@@ -38,7 +38,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ssdjax import config as config_lib
 from ssdjax import models
+from ssdjax.data import categories
+from ssdjax.errors import UserError
 
 # torchvision's VGG16 ``features`` indices of conv1_1 ... conv4_3 (ReLUs and pools in between).
 _VGG_FEATURES = {0: "conv1_1", 2: "conv1_2", 5: "conv2_1", 7: "conv2_2", 10: "conv3_1",
@@ -224,7 +227,7 @@ def load_state_dict(path: str) -> dict:
   import torch  # pylint: disable=g-import-not-at-top
 
   if not os.path.isfile(path):
-    raise ValueError(f"--torchvision: {path} is not a file")
+    raise UserError(f"--torchvision: {path} is not a file")
   obj = torch.load(path, map_location="cpu", weights_only=True)
   if isinstance(obj, Mapping) and "model" in obj and isinstance(obj["model"], Mapping):
     obj = obj["model"]
@@ -238,17 +241,19 @@ def class_index_for(config, tv_classes: int, categories: Sequence[str]) -> Optio
 
   None when the config has as many classes (kept as they are); otherwise every name of
   ``config.class_names`` is looked up in ``categories`` (the torchvision output names without
-  background, e.g. ``configs.ssd300_coco_torchvision.COCO_V1_CLASSES``).
+  background, e.g. ``ssdjax.data.categories.COCO_V1_CLASSES``).
   """
-  if config.num_classes == tv_classes:
+  num_classes = config_lib.num_classes(config)
+  if num_classes == tv_classes:
     return None
   if len(categories) + 1 != tv_classes:
-    raise ValueError(f"config.num_classes={config.num_classes} differs from the checkpoint's "
-                     f"{tv_classes} classes, and {len(categories)} category names cannot map them")
+    raise UserError(f"the config has {num_classes} classes (background + config.class_names), "
+                    f"the checkpoint {tv_classes}, and {len(categories)} category names cannot "
+                    "map them")
   index = [0]
   for name in config.class_names:
     if name not in categories:
-      raise ValueError(f"config.class_names has {name!r}, which is not one of the checkpoint's "
+      raise UserError(f"config.class_names has {name!r}, which is not one of the checkpoint's "
                        f"classes; valid names: {', '.join(categories)}")
     index.append(list(categories).index(name) + 1)
   return tuple(index)
@@ -275,13 +280,16 @@ def write_workdir(config, params: Mapping[str, Any], workdir: str) -> int:
   from ssdjax import train  # pylint: disable=g-import-not-at-top
 
   _check_no_checkpoints(workdir)
+  config_lib.validate(config)
+  config = config_lib.parts_as_recorded(config)
   trainer = train.Trainer(config)
   want = trainer.abstract_state["params"]
   if jax.tree.structure(want) != jax.tree.structure(dict(params)) or any(
       w.shape != np.shape(p) for w, p in zip(jax.tree.leaves(want), jax.tree.leaves(dict(params)))):
-    raise ValueError("the converted parameters do not fit the model of the config (backbone "
-                     f"{config.model.backbone}, head {config.model.head}, num_classes "
-                     f"{config.num_classes}): use a config like configs/ssd300_coco_torchvision.py")
+    raise UserError("the converted parameters do not fit the model of the config (backbone "
+                    f"{config.model.backbone}, head {config.model.head}, "
+                    f"{config_lib.num_classes(config)} classes): use a config like "
+                    "configs/ssd300_coco_torchvision.py")
   state = trainer.init_state(config.seed)
   state["params"] = jax.tree.map(
       lambda old, new: jax.device_put(np.asarray(new, old.dtype), old.sharding),
@@ -296,39 +304,38 @@ def write_workdir(config, params: Mapping[str, Any], workdir: str) -> int:
   return sum(int(np.size(x)) for x in jax.tree.leaves(params))
 
 
-def _cli():
-  from absl import app  # pylint: disable=g-import-not-at-top
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                              "configs", "ssd300_coco_torchvision.py")
 
-  config_flag = config_flags.DEFINE_config_file(
-      "config", None, "Config of the converted model (default: configs/ssd300_coco_torchvision.py).",
-      lock_config=True)
+
+def _cli():
+  from absl import flags  # pylint: disable=g-import-not-at-top
+
+  from ssdjax import cli  # pylint: disable=g-import-not-at-top
+
   tv_flag = flags.DEFINE_string("torchvision", None, "torchvision ssd300_vgg16 state dict (.pth).")
   workdir_flag = flags.DEFINE_string("workdir", None, "Empty directory to write the run into.")
 
   def main(argv):
     if len(argv) > 1:
-      raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from configs import ssd300_coco_torchvision  # pylint: disable=g-import-not-at-top
-
+      raise UserError(f"unexpected arguments: {argv[1:]}")
+    if not tv_flag.value or not workdir_flag.value:
+      raise UserError("--torchvision=FILE.pth and --workdir=DIR are required")
     _check_no_checkpoints(workdir_flag.value)
-    config = config_flag.value
-    if config is None:
-      config = ssd300_coco_torchvision.get_config()
+    # Default: configs/ssd300_coco_torchvision.py of the repository ssdjax was installed from.
+    config = cli.parsed_config(default=DEFAULT_CONFIG)
     state_dict = load_state_dict(tv_flag.value)
     _, tv_classes = _head_layout({k: _to_numpy(v, k) for k, v in state_dict.items()
                                   if k.startswith("head.")}, 1)
-    index = class_index_for(config, tv_classes, ssd300_coco_torchvision.COCO_V1_CLASSES)
+    index = class_index_for(config, tv_classes, categories.COCO_V1_CLASSES)
     params = from_torchvision(state_dict, class_index=index)
     n = write_workdir(config, params, workdir_flag.value)
-    print(f"converted {tv_flag.value} ({n:,} parameters, {config.num_classes} classes) into "
-          f"{workdir_flag.value} as step 0. Next:\n"
+    print(f"converted {tv_flag.value} ({n:,} parameters, {config_lib.num_classes(config)} "
+          f"classes) into {workdir_flag.value} as step 0. Next:\n"
           f"  python -m ssdjax.main --mode=eval --workdir={workdir_flag.value}\n"
           f"  python -m ssdjax.predict --workdir={workdir_flag.value} IMAGES...")
 
-  flags.mark_flags_as_required(["torchvision", "workdir"])
-  app.run(main)
+  cli.run(main)
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ import numpy as np
 
 import ssdjax
 from ssdjax import postprocess
+from ssdjax.errors import UserError
 
 OUTPUT_NAMES = tuple(postprocess.Detections._fields)  # ("boxes", "scores", "classes", "valid")
 PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
@@ -57,10 +58,10 @@ def _check_platforms(platforms: Sequence[str]) -> tuple[str, ...]:
   platforms = tuple(str(p).strip().lower() for p in platforms)
   bad = [p for p in platforms if p not in PLATFORMS]
   if not platforms or bad:
-    raise ValueError(f"platforms={list(platforms)}: each must be one of {list(PLATFORMS)} "
+    raise UserError(f"platforms={list(platforms)}: each must be one of {list(PLATFORMS)} "
                      "(and at least one given)")
   if len(set(platforms)) != len(platforms):
-    raise ValueError(f"platforms={list(platforms)} names a platform twice")
+    raise UserError(f"platforms={list(platforms)} names a platform twice")
   return platforms
 
 
@@ -68,7 +69,7 @@ def _check_batch_size(batch_size) -> int | None:
   if batch_size is None:
     return None
   if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-    raise ValueError(f"batch_size must be an integer >= 1, or None for a polymorphic batch; "
+    raise UserError(f"batch_size must be an integer >= 1, or None for a polymorphic batch; "
                      f"got {batch_size!r}")
   return int(batch_size)
 
@@ -80,7 +81,7 @@ def _shape_json(shape) -> list:
 
 def _export(workdir: str, *, batch_size: int | None, platforms: Sequence[str],
             step: int | None) -> tuple[jax.export.Exported, dict[str, Any]]:
-  from ssdjax import data, train  # pylint: disable=g-import-not-at-top
+  from ssdjax import train  # pylint: disable=g-import-not-at-top
 
   batch_size = _check_batch_size(batch_size)
   platforms = _check_platforms(platforms)
@@ -115,8 +116,10 @@ def _export(workdir: str, *, batch_size: int | None, platforms: Sequence[str],
       "image_size": size,
       "mean_rgb": [float(v) for v in config.data.mean_rgb],
       "std_rgb": [float(v) for v in config.data.std_rgb],
-      "class_names": list(data.class_names(config)),
-      "num_classes": int(config.num_classes),
+      "class_names": list(config.class_names),
+      "category_ids": (list(config.data.category_ids) if config.data.category_ids
+                       else list(range(1, len(config.class_names) + 1))),
+      "num_classes": len(config.class_names) + 1,
       "postprocess": {k: (list(v) if isinstance(v, tuple) else v)
                       for k, v in postprocess.from_config(config).items()},
       "model": {"backbone": config.model.backbone, "head": config.model.head},
@@ -219,5 +222,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  from ssdjax import cli  # pylint: disable=g-import-not-at-top
+
   _define_flags()
-  app.run(main)
+  cli.run(main)

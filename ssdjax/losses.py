@@ -17,6 +17,10 @@ Inputs of both losses:
 An anchor is *positive* when ``cls_targets > 0``. Both return ``(loss, aux)`` where ``aux`` holds the
 float32 scalars ``loc`` and ``conf`` (the two normalized terms; ``loss = loc_weight * loc + conf``),
 ``num_pos`` and ``num_neg`` (anchors that enter the classification term as negatives).
+
+``config.loss.type`` names a registered loss (:func:`register`; built in: ``multibox``, ``focal``)
+or an import path; it is called ``fn(loc_pred, logits, loc_targets, cls_targets,
+**config.loss.kwargs)`` and the training loop logs every entry of its ``aux`` dict.
 """
 
 from __future__ import annotations
@@ -26,6 +30,9 @@ import functools
 import jax
 import jax.numpy as jnp
 import optax
+
+from ssdjax import registry
+from ssdjax.errors import UserError
 
 
 def _check(loc_pred, logits, loc_targets, cls_targets):
@@ -180,31 +187,42 @@ def focal_loss(loc_pred, logits, loc_targets, cls_targets, *, alpha: float = 0.2
   return loc_weight * loc_term + conf_term, aux
 
 
-_LOSSES = {
-    "multibox": multibox_loss,
-    "focal": focal_loss,
-}
+def _check_loss(name, fn):
+  if not callable(fn):
+    raise UserError(f"loss {name!r} must be a function fn(loc_pred, logits, loc_targets, "
+                    f"cls_targets, **kwargs) -> (loss, aux); got {fn!r}")
 
 
-def names() -> list[str]:
-  """The loss types :func:`get` accepts (``config.loss.type``)."""
-  return sorted(_LOSSES)
+REGISTRY = registry.Registry("loss", "config.loss.type", _check_loss)
+REGISTRY.register("multibox", multibox_loss, _builtin=True)
+REGISTRY.register("focal", focal_loss, _builtin=True)
+
+
+def register(name: str, fn=None, *, overwrite: bool = False):
+  """Registers a loss as ``name`` (usable as ``config.loss.type``); a decorator without ``fn``.
+
+  A loss is ``fn(loc_pred, logits, loc_targets, cls_targets, **config.loss.kwargs) -> (loss,
+  aux)``: inputs as in the module docstring, ``loss`` a float32 scalar to minimise, ``aux`` a dict
+  of float32 scalars that the training loop logs (any keys).
+  """
+  return REGISTRY.register(name, fn, overwrite=overwrite)
+
+
+def names() -> tuple[str, ...]:
+  """The registered loss types (``config.loss.type``; an import path is valid too)."""
+  return REGISTRY.names()
 
 
 def get(name: str):
-  """The loss function registered under ``name``."""
-  if name not in _LOSSES:
-    raise ValueError(f"Unknown loss type {name!r}; valid names: {names()}")
-  return _LOSSES[name]
+  """The loss function registered as ``name`` or imported from ``"package.module:Name"``."""
+  return REGISTRY.get(name)
 
 
 def from_config(config):
-  """``(loc_pred, logits, loc_targets, cls_targets) -> (loss, aux)`` with ``config.loss`` bound."""
+  """``(loc_pred, logits, loc_targets, cls_targets) -> (loss, aux)`` with ``config.loss.kwargs``
+  bound to the function ``config.loss.type`` names (checked against its signature)."""
   c = config.loss
   fn = get(c.type)
-  if fn is multibox_loss:
-    kwargs = dict(neg_pos_ratio=float(c.neg_pos_ratio), loc_weight=float(c.loc_weight))
-  else:
-    kwargs = dict(alpha=float(c.focal_alpha), gamma=float(c.focal_gamma),
-                  loc_weight=float(c.loc_weight))
+  kwargs = c.kwargs.to_dict() if hasattr(c.kwargs, "to_dict") else dict(c.kwargs)
+  registry.check_kwargs(fn, kwargs, field="config.loss.kwargs", name=c.type, positional=4)
   return functools.partial(fn, **kwargs)

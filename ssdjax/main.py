@@ -2,47 +2,65 @@ r"""Trains and evaluates an experiment config.
 
   python -m ssdjax.main --config=configs/synthetic.py --workdir=runs/synthetic
   python -m ssdjax.main --config=configs/ssd300_voc.py --workdir=runs/voc --config.train.batch_size=64
+  python -m ssdjax.main --config=configs/synthetic.py --print_config
+  python -m ssdjax.main --mode=eval --workdir=runs/synthetic
 
-Any config field can be overridden with ``--config.<field>=<value>``; an unknown field is an error.
-Rerunning the same command resumes from the workdir's latest checkpoint. ``--mode=eval`` only
-evaluates the latest checkpoint of ``--workdir``.
+Any config field can be overridden with ``--config.<field>=<value>``; an unknown field, a value of
+the wrong type or a missing config file is an error of one line. ``--print_config`` lists every
+field with its value and meaning. Rerunning the same command resumes from the workdir's latest
+checkpoint. ``--mode=eval`` evaluates the latest checkpoint of ``--workdir`` with the config it
+was trained with (overrides of ``eval.*`` and ``data.*`` fields apply, e.g. another eval split).
 """
 
 import json
 
-from absl import app
 from absl import flags
 from absl import logging
 import jax
-from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).",
-                                          lock_config=True)
+from ssdjax import cli
+from ssdjax.errors import UserError
+
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and records.")
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"], "train (and evaluate) or eval only.")
+_PRINT_CONFIG = flags.DEFINE_bool("print_config", False,
+                                  "Print every config field with its value and meaning, then exit.")
 
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    raise UserError(f"unexpected arguments: {argv[1:]}")
+  from ssdjax import config as config_lib  # pylint: disable=g-import-not-at-top
   from ssdjax import train  # pylint: disable=g-import-not-at-top
 
+  if _MODE.value == "eval" and cli.parsed_spec() is not None:
+    raise UserError("--mode=eval evaluates with the config the workdir was trained with; drop "
+                    "--config (--config.eval.* and --config.data.* overrides still apply)")
+  config = cli.parsed_config()
+  if _PRINT_CONFIG.value:
+    if config is None:
+      if not _WORKDIR.value:
+        raise UserError("--print_config needs --config=FILE or --workdir=DIR")
+      config = train.load_config(_WORKDIR.value)
+    config_lib.validate(config)
+    print(config_lib.describe(config))
+    return
+  if not _WORKDIR.value:
+    raise UserError("--workdir is required")
   workdir = _WORKDIR.value
   logging.info("JAX devices: %s", jax.devices())
   if _MODE.value == "eval":
-    config, trainer, variables, step = train.restore_for_inference(workdir)
-    metrics, _ = train.evaluate(trainer, variables)
+    metrics = train.evaluate_workdir(workdir, cli.parsed_overrides())
   else:
-    if _CONFIG.value is None:
-      raise app.UsageError("--config is required for --mode=train")
-    metrics = train.train_and_evaluate(_CONFIG.value, workdir)
+    if config is None:
+      raise UserError("--config is required for --mode=train")
+    metrics = train.train_and_evaluate(config, workdir)
   headline = {k: round(v, 4) for k, v in metrics.items() if "/AP/" not in k}
   print(json.dumps(headline, indent=2, sort_keys=True))
 
 
 def run():
-  flags.mark_flags_as_required(["workdir"])
-  app.run(main)
+  cli.run(main)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,10 @@ Inputs, for one image:
 A gt box takes part in matching when ``gt_mask`` is True and its label is > 0; padded slots never
 match, whatever coordinates they hold (NaN included).
 
-Strategies (``config.matching.strategy``):
+Strategies (``config.matching.strategy``, with ``config.matching.kwargs``): a registered name or
+an import path ``"package.module:Name"`` of a *matcher*, a one-image function
+``fn(gt_boxes, gt_labels, gt_mask, anchors, **kwargs) -> (matched_idx [A] int32, matched_iou [A])``
+(:func:`register`; the contract of :func:`match`). The built-in ones:
 
 * ``"bipartite"``: Caffe SSD's ``MatchBBox`` with ``match_type: PER_PREDICTION``, the matching of
   the paper. First a greedy bipartite step: up to G times, take the globally best (gt, anchor) pair
@@ -39,6 +42,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from ssdjax import boxes as box_lib
+from ssdjax import registry
+from ssdjax.errors import UserError
 
 # Caffe's MatchBBox only records overlaps above this; pairs at or below it never match.
 _MIN_OVERLAP = 1e-6
@@ -93,22 +98,12 @@ def _match_per_gt_best(iou, valid, iou_threshold):
   return jnp.where(claims.any(axis=0), winner, matched_idx)
 
 
-_STRATEGIES = {
-    "bipartite": _match_bipartite,
-    "per_gt_best": _match_per_gt_best,
-}
-
-
-def names() -> list[str]:
-  """The matching strategies ``match`` accepts."""
-  return sorted(_STRATEGIES)
-
-
-def _check_args(gt_boxes, gt_labels, gt_mask, anchors, iou_threshold, strategy, batched=False):
-  if strategy not in _STRATEGIES:
-    raise ValueError(f"Unknown matching strategy {strategy!r}; valid names: {names()}")
+def _check_threshold(iou_threshold):
   if isinstance(iou_threshold, (int, float)) and not 0.0 <= iou_threshold <= 1.0:
     raise ValueError(f"matching iou_threshold must be in [0, 1], got {iou_threshold}")
+
+
+def _check_args(gt_boxes, gt_labels, gt_mask, anchors, batched=False):
   lead = "B, " if batched else ""
   g_shape = jnp.shape(gt_boxes)[:-1]
   if jnp.ndim(gt_boxes) != 2 + batched or jnp.shape(gt_boxes)[-1] != 4 or g_shape[-1] == 0:
@@ -130,8 +125,57 @@ def _iou_matrix(gt_boxes, gt_labels, gt_mask, anchors):
   return jnp.where(valid[:, None], iou, -1.0), valid
 
 
-def match(gt_boxes, gt_labels, gt_mask, anchors, *, iou_threshold: float = 0.5,
-          strategy: str = "bipartite"):
+def _matched(rule, gt_boxes, gt_labels, gt_mask, anchors, iou_threshold):
+  """(matched_idx [A], matched_iou [A]) of a rule on the [G, A] IoU matrix."""
+  _check_threshold(iou_threshold)
+  iou, valid = _iou_matrix(gt_boxes, gt_labels, gt_mask, anchors)  # [G, A], [G]
+  matched_idx = rule(iou, valid, iou_threshold)  # [A]
+  at_match = jnp.take_along_axis(iou, jnp.maximum(matched_idx, 0)[None, :], axis=0)[0]  # [A]
+  best = jnp.max(iou, axis=0, initial=0.0)  # [A]
+  matched_iou = jnp.where(matched_idx >= 0, at_match, best)
+  return matched_idx.astype(jnp.int32), matched_iou.astype(jnp.float32)
+
+
+def bipartite(gt_boxes, gt_labels, gt_mask, anchors, *, iou_threshold: float = 0.5):
+  """Caffe SSD's matching (module docstring), one image; the ``"bipartite"`` matcher."""
+  return _matched(_match_bipartite, gt_boxes, gt_labels, gt_mask, anchors, iou_threshold)
+
+
+def per_gt_best(gt_boxes, gt_labels, gt_mask, anchors, *, iou_threshold: float = 0.5):
+  """torchvision's ``SSDMatcher`` (module docstring), one image; the ``"per_gt_best"`` matcher."""
+  return _matched(_match_per_gt_best, gt_boxes, gt_labels, gt_mask, anchors, iou_threshold)
+
+
+def _check_matcher(name, fn):
+  if not callable(fn):
+    raise UserError(f"matcher {name!r} must be a function fn(gt_boxes, gt_labels, gt_mask, "
+                    f"anchors, **kwargs) -> (matched_idx, matched_iou); got {fn!r}")
+
+
+REGISTRY = registry.Registry("matcher", "config.matching.strategy", _check_matcher)
+REGISTRY.register("bipartite", bipartite, _builtin=True)
+REGISTRY.register("per_gt_best", per_gt_best, _builtin=True)
+
+
+def register(name: str, fn=None, *, overwrite: bool = False):
+  """Registers a matcher as ``name`` (usable as ``config.matching.strategy``); a decorator
+  without ``fn``. A matcher is the one-image function of :func:`match`'s contract:
+  ``fn(gt_boxes [G, 4], gt_labels [G], gt_mask [G], anchors [A, 4], **config.matching.kwargs)
+  -> (matched_idx [A] int32, -1 = background; matched_iou [A] float32)``."""
+  return REGISTRY.register(name, fn, overwrite=overwrite)
+
+
+def names() -> tuple[str, ...]:
+  """The registered matching strategies (an import path is valid too)."""
+  return REGISTRY.names()
+
+
+def get(name: str):
+  """The matcher registered as ``name`` or imported from ``"package.module:Name"``."""
+  return REGISTRY.get(name)
+
+
+def match(gt_boxes, gt_labels, gt_mask, anchors, *, strategy: str = "bipartite", **kwargs):
   """Matches the anchors of one image to its ground truth (see the module docstring).
 
   Args:
@@ -139,25 +183,27 @@ def match(gt_boxes, gt_labels, gt_mask, anchors, *, iou_threshold: float = 0.5,
     gt_labels: [G] int, 0 = padding.
     gt_mask: [G] bool, True for real boxes.
     anchors: [A, 4] cxcywh, normalized.
-    iou_threshold: an anchor whose best IoU reaches this is matched to that gt.
-    strategy: ``"bipartite"`` or ``"per_gt_best"``.
+    strategy: a registered matcher name (``"bipartite"``, ``"per_gt_best"``) or an import path.
+    **kwargs: the matcher's keyword arguments; the built-in ones take ``iou_threshold`` (default
+      0.5): an anchor whose best IoU reaches it is matched to that gt.
 
   Returns:
     matched_idx: [A] int32, index into the G gts, -1 for background.
     matched_iou: [A] float32, IoU of the anchor with its matched gt; for background anchors, its
       best IoU over the valid gts (0 if there are none), as Caffe's ``match_overlaps``.
   """
-  _check_args(gt_boxes, gt_labels, gt_mask, anchors, iou_threshold, strategy)
-  iou, valid = _iou_matrix(gt_boxes, gt_labels, gt_mask, anchors)  # [G, A], [G]
-  matched_idx = _STRATEGIES[strategy](iou, valid, iou_threshold)  # [A]
-  at_match = jnp.take_along_axis(iou, jnp.maximum(matched_idx, 0)[None, :], axis=0)[0]  # [A]
-  best = jnp.max(iou, axis=0, initial=0.0)  # [A]
-  matched_iou = jnp.where(matched_idx >= 0, at_match, best)
-  return matched_idx.astype(jnp.int32), matched_iou.astype(jnp.float32)
+  _check_args(gt_boxes, gt_labels, gt_mask, anchors)
+  matched_idx, matched_iou = get(strategy)(gt_boxes, gt_labels, gt_mask, anchors, **kwargs)
+  num_anchors = jnp.shape(anchors)[0]
+  for name, arr in (("matched_idx", matched_idx), ("matched_iou", matched_iou)):
+    if jnp.shape(arr) != (num_anchors,):
+      raise ValueError(f"matcher {strategy!r} returned {name} of shape {jnp.shape(arr)}; the "
+                       f"contract is [A] = ({num_anchors},) per image")
+  return jnp.asarray(matched_idx, jnp.int32), jnp.asarray(matched_iou, jnp.float32)
 
 
-def targets(gt_boxes, gt_labels, gt_mask, anchors, *, iou_threshold: float = 0.5,
-            strategy: str = "bipartite", variances: Sequence[float] = (0.1, 0.2)):
+def targets(gt_boxes, gt_labels, gt_mask, anchors, *, strategy: str = "bipartite",
+            variances: Sequence[float] = (0.1, 0.2), **kwargs):
   """Training targets for one image.
 
   Args: as :func:`match`, plus ``variances`` for :func:`ssdjax.boxes.encode`.
@@ -167,8 +213,7 @@ def targets(gt_boxes, gt_labels, gt_mask, anchors, *, iou_threshold: float = 0.5
       background anchors.
     cls_targets: [A] int32, the matched gt's label; 0 (background) for background anchors.
   """
-  matched_idx, _ = match(gt_boxes, gt_labels, gt_mask, anchors, iou_threshold=iou_threshold,
-                         strategy=strategy)
+  matched_idx, _ = match(gt_boxes, gt_labels, gt_mask, anchors, strategy=strategy, **kwargs)
   anchors = jnp.asarray(anchors, jnp.float32)
   positive = matched_idx >= 0  # [A]
   safe_idx = jnp.maximum(matched_idx, 0)
@@ -181,38 +226,41 @@ def targets(gt_boxes, gt_labels, gt_mask, anchors, *, iou_threshold: float = 0.5
   return loc_targets.astype(jnp.float32), cls_targets.astype(jnp.int32)
 
 
-def batch_match(gt_boxes, gt_labels, gt_mask, anchors, *, iou_threshold: float = 0.5,
-                strategy: str = "bipartite"):
+def batch_match(gt_boxes, gt_labels, gt_mask, anchors, *, strategy: str = "bipartite", **kwargs):
   """:func:`match` over a batch: gt arrays [B, G, ...], anchors [A, 4] -> ([B, A], [B, A])."""
-  _check_args(gt_boxes, gt_labels, gt_mask, anchors, iou_threshold, strategy, batched=True)
-  fn = lambda b, l, m: match(b, l, m, anchors, iou_threshold=iou_threshold, strategy=strategy)
+  _check_args(gt_boxes, gt_labels, gt_mask, anchors, batched=True)
+  fn = lambda b, l, m: match(b, l, m, anchors, strategy=strategy, **kwargs)
   return jax.vmap(fn)(gt_boxes, gt_labels, gt_mask)
 
 
-def batch_targets(gt_boxes, gt_labels, gt_mask, anchors, *, iou_threshold: float = 0.5,
-                  strategy: str = "bipartite", variances: Sequence[float] = (0.1, 0.2)):
+def batch_targets(gt_boxes, gt_labels, gt_mask, anchors, *, strategy: str = "bipartite",
+                  variances: Sequence[float] = (0.1, 0.2), **kwargs):
   """:func:`targets` over a batch: gt arrays [B, G, ...] -> loc [B, A, 4] float32, cls [B, A] int32."""
-  _check_args(gt_boxes, gt_labels, gt_mask, anchors, iou_threshold, strategy, batched=True)
-  fn = lambda b, l, m: targets(b, l, m, anchors, iou_threshold=iou_threshold, strategy=strategy,
-                               variances=variances)
+  _check_args(gt_boxes, gt_labels, gt_mask, anchors, batched=True)
+  fn = lambda b, l, m: targets(b, l, m, anchors, strategy=strategy, variances=variances, **kwargs)
   return jax.vmap(fn)(gt_boxes, gt_labels, gt_mask)
 
 
 def from_config(config) -> dict:
-  """Keyword arguments of :func:`targets` / :func:`batch_targets` for an experiment config.
+  """Keyword arguments of :func:`targets` / :func:`batch_targets` for an experiment config:
+  ``strategy``, ``variances`` and ``config.matching.kwargs`` (checked against the matcher).
 
   ``batch_targets(boxes, labels, mask, anchors, **matching.from_config(config))``.
   """
-  return dict(iou_threshold=float(config.matching.iou_threshold),
-              strategy=str(config.matching.strategy),
-              variances=tuple(float(v) for v in config.anchors.variances))
+  m = config.matching
+  kwargs = m.kwargs.to_dict() if hasattr(m.kwargs, "to_dict") else dict(m.kwargs)
+  registry.check_kwargs(get(m.strategy), kwargs, field="config.matching.kwargs", name=m.strategy,
+                        positional=4)
+  return dict(strategy=str(m.strategy), variances=tuple(float(v) for v in config.anchors.variances),
+              **kwargs)
 
 
-def match_stats(gt_boxes, gt_labels, gt_mask, anchors, *, iou_threshold: float = 0.5,
-                strategy: str = "bipartite") -> dict:
+def match_stats(gt_boxes, gt_labels, gt_mask, anchors, *, strategy: str = "bipartite",
+                **kwargs) -> dict:
   """How well a set of anchors covers a batch of ground truth (for anchor research). Jit-able.
 
-  Args: as :func:`batch_match` (gt arrays [B, G, ...], anchors [A, 4] cxcywh).
+  Args: as :func:`batch_match` (gt arrays [B, G, ...], anchors [A, 4] cxcywh, the matcher's
+  ``strategy`` and keyword arguments).
 
   Returns:
     dict of float32 scalars over all valid gts of the batch:
@@ -222,9 +270,9 @@ def match_stats(gt_boxes, gt_labels, gt_mask, anchors, *, iou_threshold: float =
       ``best_iou``: mean over gts of the best IoU with any anchor (whether matched or not).
     Ratios are 0 when the batch has no valid gt.
   """
-  _check_args(gt_boxes, gt_labels, gt_mask, anchors, iou_threshold, strategy, batched=True)
-  matched_idx, _ = batch_match(gt_boxes, gt_labels, gt_mask, anchors, iou_threshold=iou_threshold,
-                               strategy=strategy)  # [B, A]
+  _check_args(gt_boxes, gt_labels, gt_mask, anchors, batched=True)
+  matched_idx, _ = batch_match(gt_boxes, gt_labels, gt_mask, anchors, strategy=strategy,
+                               **kwargs)  # [B, A]
   num_gt_slots = jnp.shape(gt_boxes)[1]
   iou, valid = jax.vmap(_iou_matrix, in_axes=(0, 0, 0, None))(gt_boxes, gt_labels, gt_mask, anchors)
   per_gt = jax.nn.one_hot(matched_idx, num_gt_slots, dtype=jnp.float32).sum(axis=1)  # [B, G]

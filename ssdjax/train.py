@@ -31,30 +31,37 @@ import orbax.checkpoint as ocp
 
 import ssdjax
 from ssdjax import anchors as anchors_lib
+from ssdjax import config as config_lib
 from ssdjax import evaluation
 from ssdjax import losses
 from ssdjax import matching
 from ssdjax import models
 from ssdjax import postprocess
+from ssdjax.errors import UserError
 
 # ----------------------------------------------------------------------------------------------
 # Configuration checks and workdir records.
 # ----------------------------------------------------------------------------------------------
 def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
   """Stops a bad config before anything is compiled, naming the field and the fix."""
-  models.from_config(config)  # names, kwargs and compute dtype of backbone and head
-  losses.get(config.loss.type)
-  if config.num_classes != len(config.class_names) + 1:
-    raise ValueError(
-        f"config.num_classes={config.num_classes} but config.class_names has {len(config.class_names)} "
-        "names; num_classes counts the background, so it must be len(class_names) + 1")
+  config_lib.validate(config)
+  config_lib.num_classes(config)  # resolved class names
   for field in ("train.batch_size", "eval.batch_size"):
     section, name = field.split(".")
     value = config[section][name]
     if value <= 0 or value % num_devices:
-      raise ValueError(f"config.{field}={value} must be a positive multiple of the device count "
-                       f"({num_devices}): the batch is split evenly over the 'data' mesh axis")
-  anchors_lib.from_config(config)  # raises on inconsistent anchor fields
+      raise UserError(f"config.{field}={value} must be a positive multiple of the device count "
+                      f"({num_devices}): the batch is split evenly over the 'data' mesh axis")
+
+
+def prepare_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """What a run trains with and its workdir records: ``config`` validated, its class names and
+  category ids read from the data (``ssdjax.data.resolve_classes``), and outside parts named by
+  import path (``ssdjax.config.parts_as_recorded``). Reads annotations, writes nothing."""
+  from ssdjax import data  # pylint: disable=g-import-not-at-top
+
+  config_lib.validate(config)
+  return config_lib.parts_as_recorded(data.resolve_classes(config))
 
 
 def _git_commit() -> str | None:
@@ -92,33 +99,17 @@ def write_run_records(config: ml_collections.ConfigDict, workdir: str, anchors: 
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
-  """The config a run was trained with (``workdir/config.json``).
+  """The config a run was trained with (``workdir/config.json``): resolved, with its class names.
 
-  Fields added to the framework after the run was written take their defaults from
-  ``configs/ssd300_voc.py`` (the single source of defaults), so older workdirs keep loading.
+  Fields added to the framework after the run was written take their defaults
+  (``ssdjax.config.defaults()``, the single source of defaults), so older workdirs keep loading.
   """
-  from configs import ssd300_voc  # pylint: disable=g-import-not-at-top
-
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
-    raise FileNotFoundError(f"{path} not found: --workdir must be a directory written by ssdjax.main")
+    raise UserError(f"{path} not found: --workdir must be a directory written by ssdjax.main")
   with open(path) as f:
     raw = json.load(f)
-
-  def to_tuples(x):
-    if isinstance(x, dict):
-      return {k: to_tuples(v) for k, v in x.items()}
-    if isinstance(x, list):
-      return tuple(to_tuples(v) for v in x)
-    return x
-
-  def merge(defaults: dict, saved: dict) -> dict:
-    out = dict(defaults)
-    for k, v in saved.items():
-      out[k] = merge(defaults[k], v) if isinstance(defaults.get(k), dict) and isinstance(v, dict) else v
-    return out
-
-  return ml_collections.ConfigDict(merge(ssd300_voc.get_config().to_dict(), to_tuples(raw)))
+  return config_lib.from_saved(raw)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -135,7 +126,7 @@ def make_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
   elif opt.schedule == "cosine":
     main = optax.cosine_decay_schedule(lr, decay_steps=max(total - warmup, 1))
   else:
-    raise ValueError(f"config.optimizer.schedule={opt.schedule!r}; valid: ['cosine', 'piecewise']")
+    raise UserError(f"config.optimizer.schedule={opt.schedule!r}; valid: ['cosine', 'piecewise']")
   if warmup <= 0:
     return main
   return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), main], [warmup])
@@ -166,7 +157,7 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
   elif opt.name == "adamw":
     parts.append(optax.adamw(schedule, weight_decay=opt.weight_decay, mask=decay_mask))
   else:
-    raise ValueError(f"config.optimizer.name={opt.name!r}; valid: ['adam', 'adamw', 'sgd']")
+    raise UserError(f"config.optimizer.name={opt.name!r}; valid: ['adam', 'adamw', 'sgd']")
   return optax.chain(*parts)
 
 
@@ -331,9 +322,12 @@ def _check_finite(state, where: str) -> None:
         "config.optimizer.learning_rate, set config.optimizer.grad_clip_norm, or check the data.")
 
 
-def restore_for_inference(workdir: str, step: int | None = None):
-  """(config, model, variables, step) from a workdir's latest (or given) checkpoint."""
-  config = load_config(workdir)
+def restore_for_inference(workdir: str, step: int | None = None, *, config=None):
+  """(config, trainer, variables, step) from a workdir's latest (or given) checkpoint.
+
+  ``config`` defaults to the workdir's own (``load_config``); its model must be the same.
+  """
+  config = load_config(workdir) if config is None else config
   trainer = Trainer(config, mesh=make_mesh())
   mngr = checkpoint_manager(workdir, config.train.keep_checkpoints, read_only=True)
   step = mngr.latest_step() if step is None else step
@@ -342,6 +336,34 @@ def restore_for_inference(workdir: str, step: int | None = None):
   restored = mngr.restore(step, args=ocp.args.Composite(
       state=ocp.args.StandardRestore(trainer.restore_target())))
   return config, trainer, trainer.variables(restored["state"]), step
+
+
+# Fields a later evaluation may change: where the data is and how it is scored, not the model.
+_EVAL_OVERRIDABLE = ("eval.", "data.data_dir", "data.eval", "data.num_workers", "data.bad_records",
+                     "data.coco_json.", "postprocess.")
+
+
+def evaluate_workdir(workdir: str, overrides=(), step: int | None = None) -> dict[str, float]:
+  """Evaluates a workdir's latest (or given) checkpoint with the config it was trained with.
+
+  ``overrides`` (``"field=value"``) may change the eval split and scoring (``eval.*``,
+  ``postprocess.*``, ``data.data_dir``, ``data.eval``, ...), not the model; the eval data's
+  classes are checked against the recorded ones.
+  """
+  from ssdjax import data  # pylint: disable=g-import-not-at-top
+
+  bad = [o for o in overrides if not o.split("=", 1)[0].startswith(_EVAL_OVERRIDABLE)]
+  if bad:
+    raise UserError(f"--mode=eval cannot change {bad[0].split('=', 1)[0]}: the model is the "
+                    f"workdir's; fields that may change: {', '.join(_EVAL_OVERRIDABLE)}")
+  config = load_config(workdir)
+  config_lib.apply_overrides(config, list(overrides))
+  config_lib.validate(config)
+  if config.eval.metrics:
+    data.resolve_classes(config, eval_only=True)  # the eval data must have the classes the model was trained on
+  _, trainer, variables, _ = restore_for_inference(workdir, step, config=config)
+  metrics, _ = evaluate(trainer, variables)
+  return metrics
 
 
 # ----------------------------------------------------------------------------------------------
@@ -356,6 +378,8 @@ def evaluate(trainer: Trainer, variables) -> tuple[dict, list]:
   from ssdjax import data  # the input pipeline is only needed by the loop and the CLIs
 
   config = trainer.config
+  if not config.eval.metrics:
+    return {}, []
   gt = data.eval_ground_truth(config)
   dets = []
   for batch in data.make_eval_batches(config, batch_size=config.eval.batch_size):
@@ -364,8 +388,9 @@ def evaluate(trainer: Trainer, variables) -> tuple[dict, list]:
       n = int(out.valid[i])
       dets.append({"image_id": int(batch["image_id"][i]), "boxes": np.asarray(out.boxes[i, :n]),
                    "scores": np.asarray(out.scores[i, :n]), "labels": np.asarray(out.classes[i, :n])})
-  metrics = evaluation.evaluate(gt, dets, tuple(data.class_names(config)),
-                                metrics=tuple(config.eval.metrics))
+  metrics = evaluation.evaluate(gt, dets, tuple(config.class_names),
+                                metrics=tuple(config.eval.metrics),
+                                backend=config.eval.coco_backend)
   return metrics, dets
 
 
@@ -404,6 +429,11 @@ class _QuietCheckpointLogs:
     return record.levelno >= std_logging.WARNING or "orbax" not in record.pathname
 
 
+def _due(step: int, every: int) -> bool:
+  """Whether a periodic action runs after ``step``; ``every`` = 0 means never (only at the end)."""
+  return every > 0 and step % every == 0
+
+
 def _format_eta(seconds: float) -> str:
   seconds = int(max(seconds, 0))
   return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else \
@@ -424,6 +454,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   handler = logging.get_absl_handler()
   if not any(isinstance(f, _QuietCheckpointLogs) for f in handler.filters):
     handler.addFilter(_QuietCheckpointLogs())
+
+  # --- Config: validated and resolved (class names from the data) before anything is written.
+  config = prepare_config(config)
 
   # --- Mesh, model, optimizer, compiled steps.
   trainer = Trainer(config)
@@ -492,7 +525,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       done = step + 1
       if bar is not None:
         bar.update(1)
-      if done % config.train.log_every == 0 or done == total:
+      if _due(done, config.train.log_every) or done == total:
         host = jax.device_get(pending)
         _check_finite(state, f"step {done}")
         elapsed = time.perf_counter() - t_log
@@ -500,17 +533,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         scalars["train/images_per_sec"] = steps_since * config.train.batch_size / elapsed
         writer.write(done, scalars)
         eta = (time.perf_counter() - t_start) / (done - start_step) * (total - done)
-        msg = (f"step {done}/{total} loss {scalars['train/loss']:.4f} (loc {scalars['train/loss_loc']:.4f}"
-               f" conf {scalars['train/loss_conf']:.4f}) lr {scalars['train/lr']:.2e} "
-               f"{scalars['train/images_per_sec']:.1f} img/s ETA {_format_eta(eta)}")
+        parts = " ".join(f"{k[len('train/loss_'):]} {v:.4g}" for k, v in scalars.items()
+                         if k.startswith("train/loss_"))
+        msg = (f"step {done}/{total} loss {scalars['train/loss']:.4f} ({parts}) lr "
+               f"{scalars['train/lr']:.2e} {scalars['train/images_per_sec']:.1f} img/s ETA "
+               f"{_format_eta(eta)}")
         if bar is not None:
           bar.set_postfix_str(f"loss {scalars['train/loss']:.3f}", refresh=False)
         logging.info(msg)
         final["train/loss"] = scalars["train/loss"]
         pending, t_log, steps_since = [], time.perf_counter(), 0
-      if done % config.train.checkpoint_every == 0 or done == total:
+      if _due(done, config.train.checkpoint_every) or done == total:
         save(done)
-      if done % config.train.eval_every == 0 and done != total:
+      if _due(done, config.train.eval_every) and done != total:
         run_eval(done)
     if bar is not None:
       bar.close()

@@ -7,11 +7,10 @@ import pathlib
 import numpy as np
 import pytest
 
-import configs
-from configs import ssd300_coco, ssd300_voc, ssd512_voc
+from tests.helpers import REPO, load_config, ssd300_coco, ssd300_voc, ssd512_voc
 from ssdjax import anchors
 
-CONFIG_DIR = pathlib.Path(configs.__file__).parent
+CONFIG_DIR = pathlib.Path(REPO) / "configs"
 CONFIG_NAMES = sorted(p.stem for p in CONFIG_DIR.glob("*.py") if p.stem != "__init__")
 
 # ---------------------------------------------------------------------------------------------
@@ -78,7 +77,7 @@ def caffe_priors_cxcywh(config):
     levels.append(caffe_prior_box(
         layer_size=f, img_size=config.image_size, min_sizes=[a.min_sizes[i]],
         max_sizes=[a.max_sizes[i]] if a.max_sizes else [], aspect_ratio=a.aspect_ratios[i],
-        flip=True, clip=a.clip, step=a.steps[i], offset=a.offset))
+        flip=True, clip=a.clip in (True, "corners"), step=a.steps[i], offset=a.offset))
   xyxy = np.concatenate(levels)
   return np.concatenate([(xyxy[:, :2] + xyxy[:, 2:]) / 2, xyxy[:, 2:] - xyxy[:, :2]], -1)
 
@@ -115,7 +114,7 @@ def test_all_configs_are_covered():
 
 @pytest.mark.parametrize("name", CONFIG_NAMES)
 def test_every_config_builds_anchors(name):
-  config = importlib.import_module(f"configs.{name}").get_config()
+  config = load_config(f"{name}.py")
   boxes = anchors.from_config(config)
   assert boxes.shape == (expected_count(config), 4)
   assert np.all(np.isfinite(boxes)) and np.all(boxes[:, 2:] > 0)
@@ -145,7 +144,7 @@ def test_matches_caffe_prior_box(module):
 
 
 @pytest.mark.parametrize("overrides", [
-    dict(clip=True),
+    dict(clip="corners"),
     dict(offset=0.0),
     dict(max_sizes=None),
     dict(aspect_ratios=((2, 3),) * 6),

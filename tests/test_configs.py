@@ -1,7 +1,7 @@
 """Every experiment config builds, and its whole train step traces (shapes only); one real step."""
 
 import glob
-import importlib
+import importlib.util
 import os
 
 import jax
@@ -13,7 +13,8 @@ import pytest
 from ssdjax import anchors as anchors_lib
 from ssdjax import data
 from ssdjax import train
-from tests.helpers import REPO
+from ssdjax.data.categories import COCO_CLASSES, VOC_CLASSES
+from tests.helpers import REPO, SHAPE_CLASSES, load_config
 
 CONFIG_FILES = sorted(os.path.basename(p) for p in glob.glob(os.path.join(REPO, "configs", "*.py"))
                       if not p.endswith("__init__.py"))
@@ -22,8 +23,24 @@ CONFIG_FILES = sorted(os.path.basename(p) for p in glob.glob(os.path.join(REPO, 
 KNOWN_ANCHORS = {"ssd300_voc.py": 8732, "ssd300_coco.py": 8732, "ssd512_voc.py": 24564}
 
 
+# The classes each file's data has (a run reads them from the data; here there is no data).
+DATA_CLASSES = {"ssd300_voc.py": VOC_CLASSES, "ssd512_voc.py": VOC_CLASSES,
+                "ssd300_coco.py": COCO_CLASSES, "synthetic.py": SHAPE_CLASSES}
+
+
 def _module(filename: str):
-  return importlib.import_module(f"configs.{filename[:-3]}")
+  spec = importlib.util.spec_from_file_location(filename[:-3], os.path.join(REPO, "configs", filename))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def _config(filename: str):
+  config = load_config(filename)
+  if config.class_names is None:
+    assert filename in DATA_CLASSES, f"add the classes of {filename}'s data to DATA_CLASSES"
+    config.class_names = DATA_CLASSES[filename]
+  return config
 
 
 def _expected_anchors(a) -> int:
@@ -44,7 +61,7 @@ def test_config_docstring_has_its_run_command(filename):
 
 @pytest.mark.parametrize("filename", CONFIG_FILES)
 def test_whole_train_step_traces(filename):
-  config = _module(filename).get_config()
+  config = _config(filename)
   assert isinstance(config, ml_collections.ConfigDict)
   config.train.batch_size = config.eval.batch_size = 2
   num_anchors = len(anchors_lib.from_config(config))
@@ -62,7 +79,7 @@ def test_whole_train_step_traces(filename):
       lambda v, x: trainer.model.apply(v, x, train=False),
       trainer.variables(trainer.abstract_state), batch["images"])
   assert loc.shape == (2, num_anchors, 4)
-  assert logits.shape == (2, num_anchors, config.num_classes)
+  assert logits.shape == (2, num_anchors, len(config.class_names) + 1)
 
   new_state, metrics = jax.eval_shape(trainer.train_step, trainer.abstract_state, batch)
   assert metrics["loss"].shape == () and metrics["loss"].dtype == jnp.float32
@@ -72,7 +89,7 @@ def test_whole_train_step_traces(filename):
 
 
 def test_synthetic_config_runs_one_real_step():
-  config = importlib.import_module("configs.synthetic").get_config()
+  config = _config("synthetic.py")
   config.data.synthetic.num_train = 8
   config.data.num_workers = 0
   config.train.batch_size = config.eval.batch_size = 4

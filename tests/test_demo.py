@@ -18,8 +18,10 @@ def test_demo_trains_evaluates_and_draws(tmp_path):
       env=_env(), cwd=REPO, capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
   assert "validation mAP@0.5" in out.stdout
-  assert sorted(os.listdir(workdir / "predictions")) == ["detections.json", "val_000.png", "val_001.png"]
-  with open(workdir / "predictions" / "detections.json") as f:
+  predictions = workdir / "predictions" / "step_2"  # one folder per checkpoint step
+  assert sorted(os.listdir(predictions)) == ["detections.json", "val_000.png", "val_001.png"]
+  assert str(predictions) in out.stdout
+  with open(predictions / "detections.json") as f:
     assert len(json.load(f)) == 2
   with open(workdir / "final_metrics.json") as f:
     assert "voc07/mAP" in json.load(f)

@@ -1,6 +1,5 @@
 """The experiment scripts, run as a user runs them: head ablation (and its reuse), anchor stats."""
 
-import importlib
 import json
 import math
 import os
@@ -15,7 +14,7 @@ import pytest
 from ssdjax import anchors as anchors_lib
 from ssdjax import data
 from ssdjax.models import heads
-from tests.helpers import REPO, subprocess_env
+from tests.helpers import REPO, subprocess_env, synthetic
 
 
 TINY = ["--seeds", "0", "--steps", "2"] + [
@@ -46,7 +45,7 @@ def test_head_ablation_trains_every_head_then_reuses_the_runs(tmp_path):
   first = _run("head_ablation.py", ["--workdir", workdir] + TINY)
   first_s = time.perf_counter() - t0
   assert first.returncode == 0, first.stderr[-3000:]
-  names = list(heads.names())
+  names = list(heads.REGISTRY.builtin_names())
   assert first.stdout.count(": trained in ") == len(names)
 
   with open(os.path.join(workdir, "results.json")) as f:
@@ -133,7 +132,7 @@ def test_anchor_stats_on_synthetic(tmp_path):
   assert 0.0 <= stats["best_iou"]["mean"] <= 1.0
 
   # 16 unaugmented images from a 16-image split are that split, shuffled: recompute from the source.
-  config = importlib.import_module("configs.synthetic").get_config()
+  config = synthetic.get_config()
   config.data.synthetic.num_train = 16
   source = data.make_source(config, "train")
   gt = np.concatenate([source[i]["boxes"] for i in range(len(source))]).astype(np.float64)

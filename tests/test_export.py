@@ -13,7 +13,7 @@ import pytest
 pytest.importorskip("flatbuffers", reason="jax.export serialization needs the flatbuffers package")
 
 import ssdjax  # pylint: disable=g-import-not-at-top,wrong-import-position
-from configs import synthetic  # pylint: disable=wrong-import-position
+from tests.helpers import SHAPE_CLASSES  # pylint: disable=wrong-import-position
 from ssdjax import export  # pylint: disable=wrong-import-position
 from ssdjax import train  # pylint: disable=wrong-import-position
 from tests.helpers import REPO, small_config, subprocess_env  # pylint: disable=wrong-import-position
@@ -144,8 +144,9 @@ def test_metadata(run, artifacts):
     assert [meta["outputs"][k]["dtype"] for k in FIELDS] == ["float32", "float32", "int32", "int32"]
     assert meta["image_size"] == 128
     assert meta["mean_rgb"] == [127.5] * 3 and meta["std_rgb"] == [64.0] * 3
-    assert meta["class_names"] == list(synthetic.SHAPE_CLASSES)
-    assert meta["num_classes"] == len(synthetic.SHAPE_CLASSES) + 1
+    assert meta["class_names"] == list(SHAPE_CLASSES)
+    assert meta["num_classes"] == len(SHAPE_CLASSES) + 1
+    assert meta["category_ids"] == [1, 2, 3, 4]  # synthetic labels are their own ids
     assert meta["checkpoint_step"] == 2
     assert meta["ssdjax_version"] == ssdjax.__version__
     assert meta["size_bytes"] == os.path.getsize(path)
@@ -175,5 +176,5 @@ def test_bad_arguments_are_rejected_before_restoring(tmp_path):
     export.export_inference(missing, platforms=("gpu",))
   with pytest.raises(ValueError, match="batch_size"):
     export.export_inference(missing, batch_size=0)
-  with pytest.raises(FileNotFoundError, match="config.json"):
+  with pytest.raises(ValueError, match="config.json"):
     export.export_inference(missing)

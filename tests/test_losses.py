@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import ssd300_voc
+from tests.helpers import ssd300_voc
 from ssdjax import losses
 
 # ---------------------------------------------------------------- independent NumPy references
@@ -270,19 +270,20 @@ def test_shape_mismatch_and_bad_values_raise():
 
 
 def test_registry_and_from_config():
-  assert losses.names() == ["focal", "multibox"]
+  assert losses.names() == ("focal", "multibox")
   assert losses.get("multibox") is losses.multibox_loss
   with pytest.raises(ValueError, match="focal.*multibox"):
     losses.get("ohem")
   inputs = random_inputs(np.random.default_rng(11))
   config = ssd300_voc.get_config()
-  config.loss.neg_pos_ratio = 2.0
-  config.loss.loc_weight = 0.5
+  config.loss.kwargs.neg_pos_ratio = 2.0
+  config.loss.kwargs.loc_weight = 0.5
   np.testing.assert_allclose(losses.from_config(config)(*inputs)[0],
                              ref_multibox(*inputs, neg_pos_ratio=2.0, loc_weight=0.5)[0], rtol=1e-5)
   config.loss.type = "focal"
-  config.loss.focal_alpha = 0.4
-  config.loss.focal_gamma = 1.0
+  with pytest.raises(ValueError, match="neg_pos_ratio.*accepted keys: alpha, gamma, loc_weight"):
+    losses.from_config(config)  # the multibox kwargs do not fit the focal loss
+  config.loss.kwargs = {"alpha": 0.4, "gamma": 1.0, "loc_weight": 0.5}
   np.testing.assert_allclose(losses.from_config(config)(*inputs)[0],
                              ref_focal(*inputs, alpha=0.4, gamma=1.0, loc_weight=0.5), rtol=1e-5)
   config.loss.type = "nope"

@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from configs import ssd300_voc
+from tests.helpers import ssd300_voc
 from ssdjax import boxes as box_lib
 from ssdjax import matching
 
@@ -349,7 +349,7 @@ def test_targets_decode_back_to_matched_gt(strategy):
 def test_from_config_feeds_batch_targets():
   config = ssd300_voc.get_config()
   config.matching.strategy = "per_gt_best"
-  config.matching.iou_threshold = 0.4
+  config.matching.kwargs.iou_threshold = 0.4
   kwargs = matching.from_config(config)
   assert kwargs == {"iou_threshold": 0.4, "strategy": "per_gt_best", "variances": (0.1, 0.2)}
   boxes, labels, mask, anchors = random_case(np.random.default_rng(6))
@@ -369,7 +369,7 @@ def test_bad_arguments_raise():
     matching.match(TINY_GT, TINY_LABELS, TINY_MASK, TINY_ANCHORS[:, :2])
   with pytest.raises(ValueError, match=r"\[B, G, 4\]"):
     matching.batch_targets(*args)
-  assert matching.names() == ["bipartite", "per_gt_best"]
+  assert matching.names() == ("bipartite", "per_gt_best")
 
 
 def test_match_stats_hand_computed():

@@ -11,7 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import ssd300_coco, ssd300_voc, ssd512_voc, synthetic
+from ssdjax.data.categories import COCO_V1_CLASSES
+from tests.helpers import ssd300_coco, ssd300_voc, ssd512_voc, synthetic
 from ssdjax import anchors as anchors_lib
 from ssdjax import models
 from ssdjax.models import backbones, heads
@@ -234,7 +235,7 @@ def test_config_models_output_one_prediction_per_anchor(config_name):
   variables, (loc, logits) = _shapes(models.from_config(config), config.image_size)
   assert len(anchors_lib.from_config(config)) == num_anchors
   assert loc.shape == (2, num_anchors, 4) and loc.dtype == jnp.float32
-  assert logits.shape == (2, num_anchors, config.num_classes) and logits.dtype == jnp.float32
+  assert logits.shape == (2, num_anchors, len(config.class_names) + 1) and logits.dtype == jnp.float32
   assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(variables))
 
 
@@ -313,7 +314,7 @@ def test_ssd300_vgg16_parameter_count_matches_paper_and_torchvision():
   assert vgg == 14_714_688  # VGG16's conv layers
 
   config = ssd300_coco.get_config()
-  config.num_classes = 91  # torchvision's COCO category ids
+  config.class_names = COCO_V1_CLASSES  # torchvision's 91 outputs: COCO category ids
   variables, _ = _shapes(models.from_config(config), 300, batch=1)
   n = _count(variables["params"])
   print(f"SSD300-VGG16 (91 classes) params: {n:,}")

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import ssd300_voc
+from tests.helpers import ssd300_voc
 from ssdjax import postprocess
 
 # ---------------------------------------------------------------------------------------------

@@ -27,7 +27,8 @@ from torchvision.models.detection import ssd300_vgg16  # pylint: disable=g-impor
 from torchvision.models.detection.image_list import ImageList  # pylint: disable=g-import-not-at-top
 from torchvision.ops import box_iou  # pylint: disable=g-import-not-at-top
 
-from configs import ssd300_coco_torchvision, synthetic  # pylint: disable=g-import-not-at-top
+from ssdjax.data import categories  # pylint: disable=g-import-not-at-top
+from tests.helpers import ssd300_coco_torchvision, synthetic  # pylint: disable=g-import-not-at-top
 from ssdjax import anchors as anchors_lib  # pylint: disable=g-import-not-at-top
 from ssdjax import boxes as boxes_lib  # pylint: disable=g-import-not-at-top
 from ssdjax import convert, losses, matching, models  # pylint: disable=g-import-not-at-top
@@ -160,9 +161,9 @@ def jx(tv):
 def test_config_matches_torchvision_metadata():
   from torchvision.models._meta import _COCO_CATEGORIES  # pylint: disable=g-import-not-at-top
 
-  assert list(ssd300_coco_torchvision.TORCHVISION_COCO_CATEGORIES) == list(_COCO_CATEGORIES)
+  assert list(categories.TORCHVISION_COCO_CATEGORIES) == list(_COCO_CATEGORIES)
   c = ssd300_coco_torchvision.get_config()
-  assert c.num_classes == 91 and len(c.class_names) == 90
+  assert len(c.class_names) == 90
   for name, tv_name in zip(c.class_names, _COCO_CATEGORIES[1:]):
     assert name == tv_name or (tv_name == "N/A" and name.startswith("N/A ("))
   model = ssd300_vgg16(weights=None, weights_backbone=None, num_classes=91)
@@ -171,8 +172,8 @@ def test_config_matches_torchvision_metadata():
   p = c.postprocess
   assert (p.score_threshold, p.top_k, p.iou_threshold, p.max_detections) == (
       model.score_thresh, model.topk_candidates, model.nms_thresh, model.detections_per_img)
-  assert c.matching.iou_threshold == model.proposal_matcher.high_threshold
-  assert c.loss.neg_pos_ratio == model.neg_to_pos_ratio
+  assert c.matching.kwargs.iou_threshold == model.proposal_matcher.high_threshold
+  assert c.loss.kwargs.neg_pos_ratio == model.neg_to_pos_ratio
   assert tuple(1 / w for w in model.box_coder.weights) == (0.1, 0.1, 0.2, 0.2)
 
 
@@ -301,9 +302,9 @@ def test_from_torchvision_fills_every_leaf_and_rejects_bad_dicts(tv):
 def test_class_index_selects_head_columns(tv, jx):
   """The coco80 variant keeps torchvision's logits of the 80 real classes, column for column."""
   config = ssd300_coco_torchvision.get_config("coco80")
-  index = convert.class_index_for(config, 91, ssd300_coco_torchvision.COCO_V1_CLASSES)
+  index = convert.class_index_for(config, 91, categories.COCO_V1_CLASSES)
   assert len(index) == 81 and index[:4] == (0, 1, 2, 3) and index[-1] == 90 and 12 not in index
-  assert convert.class_index_for(_config(), 91, ssd300_coco_torchvision.COCO_V1_CLASSES) is None
+  assert convert.class_index_for(_config(), 91, categories.COCO_V1_CLASSES) is None
   params = convert.from_torchvision(tv["state_dict"], class_index=index)
   for level, k in enumerate((4, 6, 6, 6, 4, 4)):
     full = jx["params"]["head"][f"conf_{level}"]
@@ -316,7 +317,7 @@ def test_class_index_selects_head_columns(tv, jx):
   bad = ssd300_coco_torchvision.get_config("coco80")
   bad.class_names = ("person", "unicorn") + bad.class_names[2:]
   with pytest.raises(ValueError, match="unicorn"):
-    convert.class_index_for(bad, 91, ssd300_coco_torchvision.COCO_V1_CLASSES)
+    convert.class_index_for(bad, 91, categories.COCO_V1_CLASSES)
 
 
 def test_import_does_not_load_torch():
@@ -342,24 +343,24 @@ def _coco_json_folder(root) -> str:
     images.append({"id": i + 1, "file_name": name, "width": 320, "height": 240})
     annotations.append({"id": i + 1, "image_id": i + 1, "category_id": [1, 90][i],
                         "bbox": [20.0, 30.0, 150.0, 120.0], "area": 18000.0, "iscrowd": 0})
-  categories = [{"id": i + 1, "name": n} for i, n in enumerate(ssd300_coco_torchvision.COCO_V1_CLASSES)]
+  cats = [{"id": i + 1, "name": n} for i, n in enumerate(categories.COCO_V1_CLASSES)]
   with open(os.path.join(root, "annotations.json"), "w") as f:
-    json.dump({"images": images, "annotations": annotations, "categories": categories}, f)
+    json.dump({"images": images, "annotations": annotations, "categories": cats}, f)
   return root
 
 
 def test_cli_writes_a_workdir_that_restores_and_evaluates(tv, tmp_path):
   pth, workdir = str(tmp_path / "ssd300.pth"), str(tmp_path / "run")
   torch.save(tv["state_dict"], pth)
-  # A tiny COCO-JSON eval set stands in for COCO (data_dir is None in the config: a None field
-  # cannot be set from the command line, so a config file sets it).
+  # A tiny COCO-JSON eval set stands in for COCO, set by a config file of the user's.
   data_dir = _coco_json_folder(str(tmp_path / "coco"))
   cfg = tmp_path / "config.py"
   cfg.write_text(
-      "from configs import ssd300_coco_torchvision\n\n"
+      "from ssdjax import config as config_lib\n\n"
       "def get_config():\n"
-      "  c = ssd300_coco_torchvision.get_config()\n"
+      f"  c = config_lib.load_file({os.path.join(REPO, 'configs', 'ssd300_coco_torchvision.py')!r})\n"
       f"  c.data.source, c.data.eval, c.data.data_dir = 'coco_json', 'val', {data_dir!r}\n"
+      "  c.data.coco_json.annotation_file, c.data.coco_json.image_dir = 'annotations.json', 'images'\n"
       "  c.data.num_workers, c.eval.batch_size = 0, 2\n"
       "  return c\n")
   out = subprocess.run([sys.executable, "-m", "ssdjax.convert", f"--torchvision={pth}",
@@ -370,7 +371,7 @@ def test_cli_writes_a_workdir_that_restores_and_evaluates(tv, tmp_path):
     assert os.path.exists(os.path.join(workdir, name)), name
 
   config, _, variables, step = train.restore_for_inference(workdir)
-  assert step == 0 and config.anchors.clip == "wh" and config.num_classes == 91
+  assert step == 0 and config.anchors.clip == "wh" and len(config.class_names) == 90
   want = convert.from_torchvision(tv["state_dict"])
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(variables["params"]), want)
 

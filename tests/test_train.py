@@ -106,8 +106,8 @@ def test_config_validation():
   with pytest.raises(ValueError, match="multiple of the device count"):
     train.validate_config(c, num_devices=3)
   c = small_config()
-  c.num_classes = 9
-  with pytest.raises(ValueError, match="num_classes"):
+  c.class_names = None
+  with pytest.raises(ValueError, match="class_names is not resolved"):
     train.validate_config(c, num_devices=1)
   c = small_config()
   c.model.head = "nope"
@@ -304,7 +304,7 @@ def test_fields_without_default_are_settable_from_the_command_line(tmp_path):
                         f"--workdir={tmp_path / 'run'}"],
                        env=_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
   assert out.returncode != 0
-  assert f"{missing}/annotations.json" in out.stderr  # the value reached the data source
+  assert f"{missing}/annotations/train.json not found" in out.stderr  # the value reached the source
 
 
 def test_evaluate_uses_only_the_first_max_images():
@@ -316,3 +316,20 @@ def test_evaluate_uses_only_the_first_max_images():
   first = [g["image_id"] for g in data.eval_ground_truth(small_config())[:3]]
   assert [d["image_id"] for d in dets] == first
   assert "voc07/mAP" in metrics
+
+
+def test_zero_periods_mean_only_at_the_end(tmp_path):
+  workdir = str(tmp_path / "run")
+  config = small_config(**{"train.num_steps": 4, "train.log_every": 0, "train.eval_every": 0,
+                           "train.checkpoint_every": 0})
+  final = train.train_and_evaluate(config, workdir, progress=False)
+  assert os.listdir(os.path.join(workdir, "checkpoints")) == ["4"]
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    rows = [json.loads(line) for line in f]
+  assert [r["step"] for r in rows if "train/loss" in r] == [4]
+  assert [r["step"] for r in rows if "eval/voc07/mAP" in r] == [4]
+  assert "voc07/mAP" in final
+  # eval.metrics=() evaluates nothing at all.
+  config = small_config(**{"train.num_steps": 2, "eval.metrics": ()})
+  final = train.train_and_evaluate(config, str(tmp_path / "noeval"), progress=False)
+  assert set(final) == {"train/loss"}

@@ -5,6 +5,6 @@ checkpoint and pass through ``jit`` / ``vmap`` / ``grad`` directly.
 """
 
 from ssdjax.models import backbones, heads
-from ssdjax.models.ssd import SSD, from_config
+from ssdjax.models.ssd import SSD, check_config, from_config
 
-__all__ = ["SSD", "backbones", "from_config", "heads"]
+__all__ = ["SSD", "backbones", "check_config", "from_config", "heads"]

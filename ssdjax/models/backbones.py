@@ -3,7 +3,10 @@
 Every backbone is a Linen module with a ``num_levels`` field (set by ``ssdjax.models.SSD`` from
 ``len(config.anchors.feature_sizes)``), a ``dtype`` field (the compute dtype; parameters stay float32)
 and its own keyword fields, which come from ``config.model.backbone_kwargs``. Call signature:
-``backbone(images, train) -> [f_1, ..., f_L]`` with ``f_i: [B, H_i, W_i, C_i]``.
+``backbone(images, train) -> [f_1, ..., f_L]`` with ``f_i: [B, H_i, W_i, C_i]``. A researcher's
+own backbone follows the same contract (docs/extending.md); ``config.model.backbone`` names one
+registered with :func:`register` or an import path ``"package.module:Name"``. The SSD model checks
+the maps' sizes against ``config.anchors.feature_sizes`` when it traces.
 
 Backbones with BatchNorm keep running statistics in the ``'batch_stats'`` collection and use them
 when ``train`` is False; training applies the model with ``mutable=['batch_stats']``.
@@ -23,6 +26,9 @@ from typing import Any, Callable, ClassVar, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from ssdjax import registry
+from ssdjax.errors import UserError
 
 Dtype = Any
 
@@ -374,24 +380,35 @@ class Tiny(nn.Module):
         valid_levels=self.valid_levels, dtype=self.dtype, prefix="tiny")
 
 
-_BACKBONES: dict[str, type[nn.Module]] = {
-    "vgg16": VGG16,
-    "resnet18": ResNet18,
-    "resnet34": ResNet34,
-    "resnet50": ResNet50,
-    "mobilenet_v2": MobileNetV2,
-    "tiny": Tiny,
-}
+REQUIRED_FIELDS = ("num_levels", "dtype")
+
+
+def _check_backbone(name, obj):
+  fields = getattr(obj, "__dataclass_fields__", {})
+  if not (isinstance(obj, type) and issubclass(obj, nn.Module)) or any(
+      f not in fields for f in REQUIRED_FIELDS):
+    raise UserError(f"backbone {name!r} must be a flax.linen.Module class with the fields "
+                    f"{', '.join(REQUIRED_FIELDS)} (see ssdjax.models.backbones); got {obj!r}")
+
+
+REGISTRY = registry.Registry("backbone", "config.model.backbone", _check_backbone)
+for _name, _cls in (("vgg16", VGG16), ("resnet18", ResNet18), ("resnet34", ResNet34),
+                    ("resnet50", ResNet50), ("mobilenet_v2", MobileNetV2), ("tiny", Tiny)):
+  REGISTRY.register(_name, _cls, _builtin=True)
+
+
+def register(name: str, cls: type[nn.Module] | None = None, *, overwrite: bool = False):
+  """Registers a backbone class as ``name`` (usable as ``config.model.backbone``); a decorator
+  without ``cls``. The class follows the contract of the module docstring."""
+  return REGISTRY.register(name, cls, overwrite=overwrite)
 
 
 def names() -> tuple[str, ...]:
-  """Valid values of ``config.model.backbone``."""
-  return tuple(sorted(_BACKBONES))
+  """Registered values of ``config.model.backbone`` (an import path is valid too)."""
+  return REGISTRY.names()
 
 
 def get(name: str) -> type[nn.Module]:
-  """The backbone module class registered as ``name``; ValueError listing the valid names."""
-  if name not in _BACKBONES:
-    raise ValueError(f"unknown backbone {name!r} (config.model.backbone); valid names: {', '.join(names())}")
-  return _BACKBONES[name]
-
+  """The backbone class registered as ``name`` or imported from ``"package.module:Name"``;
+  UserError listing the valid names."""
+  return REGISTRY.get(name)

@@ -1,19 +1,23 @@
 """Prediction heads: feature maps -> per-anchor box offsets and class logits.
 
-Every head is a Linen module with fields ``num_classes`` (C, background included),
-``anchors_per_location`` (K_i per level), ``prior_prob`` and ``dtype`` (set by
-``ssdjax.models.SSD``) and its own keyword fields from ``config.model.head_kwargs``. Call signature:
+Contract (the built-in heads follow it, and so must a researcher's own; docs/extending.md): a head
+is a Linen module class with fields ``num_classes`` (C, background included),
+``anchors_per_location`` (K_i per level) and ``dtype`` (all set by ``ssdjax.models.SSD``), plus its
+own keyword fields from ``config.model.head_kwargs``. Call signature:
 
   ``head(features, train) -> (loc [B, A, 4], logits [B, A, C])``, features ``[B, H_i, W_i, C_i]``,
 
 with ``A = sum_i H_i * W_i * K_i`` in the order of ``ssdjax.anchors.default_boxes``: level by level,
 row-major (y, x) within a level, then the K_i boxes of a location. A convolutional head writes its
-output NHWC with channels laid out ``[K, 4]`` (``[K, C]`` for logits), so the plain reshape
-``[B, H, W, K * 4] -> [B, H * W * K, 4]`` is the map from channels to anchors: channel ``c`` at
-(y, x) belongs to box ``c // 4`` of that location.
+output NHWC with channels laid out ``[K, 4]`` (``[K, C]`` for logits), and :func:`to_anchor_order`
+(the plain reshape ``[B, H, W, K * n] -> [B, H * W * K, n]``) maps channels to anchors: channel
+``c`` at (y, x) belongs to box ``c // n`` of that location.
 
-``prior_prob`` (None = zero bias) initialises the foreground class biases to
-``-log((1 - p) / p)`` as in RetinaNet, so a focal loss starts from a low foreground score.
+``config.model.head`` names a head registered with :func:`register` (the built-ins: ``ssd``,
+``conv1x1``, ``dense``, ``shared``, ``ssdlite``) or an import path ``"package.module:Name"``.
+
+``prior_prob`` (None = zero bias; a field of :class:`Head`) initialises the foreground class biases
+to ``-log((1 - p) / p)`` as in RetinaNet, so a focal loss starts from a low foreground score.
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ from typing import Any, ClassVar, Optional, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from ssdjax import registry
+from ssdjax.errors import UserError
 from ssdjax.models.backbones import ConvBN, xavier_uniform
 
 Dtype = Any
@@ -43,9 +49,20 @@ def _class_bias_init(num_classes: int, prior_prob: Optional[float], period: int,
   return init
 
 
-def _to_anchor_order(y, n: int):
-  """[B, H, W, K * n] -> [B, H * W * K, n]; channels are laid out [K, n] (module docstring)."""
+def to_anchor_order(y, n: int):
+  """One level's conv output -> per-anchor rows in the order of ``anchors.default_boxes``.
+
+  Args:
+    y: [B, H, W, K * n] NHWC output whose channels are laid out [K, n] (box k's n values are
+      channels ``k * n .. k * n + n - 1``), e.g. n = 4 box offsets or n = C class logits.
+    n: values per anchor.
+
+  Returns:
+    [B, H * W * K, n]: row-major (y, x), then the K boxes of a location: the anchors' order.
+  """
   b, h, w, c = y.shape
+  if c % n:
+    raise ValueError(f"to_anchor_order: {c} channels are not a multiple of n={n} (K * n)")
   return y.reshape(b, h * w * (c // n), n)
 
 
@@ -83,8 +100,8 @@ class ConvHead(Head):
     for i, (x, k) in enumerate(zip(features, self.anchors_per_location)):
       conv = lambda f, name, **kw: nn.Conv(f, (self.KERNEL, self.KERNEL), padding=self.KERNEL // 2,
                                            kernel_init=xavier_uniform, dtype=self.dtype, name=name, **kw)
-      loc.append(_to_anchor_order(conv(k * 4, f"loc_{i}")(x), 4))
-      logits.append(_to_anchor_order(conv(k * c, f"conf_{i}", bias_init=self._class_bias())(x), c))
+      loc.append(to_anchor_order(conv(k * 4, f"loc_{i}")(x), 4))
+      logits.append(to_anchor_order(conv(k * c, f"conf_{i}", bias_init=self._class_bias())(x), c))
     return jnp.concatenate(loc, 1), jnp.concatenate(logits, 1)
 
 
@@ -158,8 +175,8 @@ class SharedHead(Head):
         if norms is not None:
           y = norms[j](y)
         y = nn.relu(y)
-      loc.append(_to_anchor_order(loc_conv(y), 4))
-      logits.append(_to_anchor_order(conf_conv(y), c))
+      loc.append(to_anchor_order(loc_conv(y), 4))
+      logits.append(to_anchor_order(conf_conv(y), c))
     return jnp.concatenate(loc, 1), jnp.concatenate(logits, 1)
 
 
@@ -186,28 +203,41 @@ class SSDLiteHead(Head):
                       dtype=self.dtype, name=f"{branch}_{i}_dw")(x)
         y = nn.Conv(k * n, (1, 1), kernel_init=xavier_uniform, bias_init=bias_init, dtype=self.dtype,
                     name=f"{branch}_{i}")(y)
-        outs.append(_to_anchor_order(y, n))
+        outs.append(to_anchor_order(y, n))
       loc.append(outs[0])
       logits.append(outs[1])
     return jnp.concatenate(loc, 1), jnp.concatenate(logits, 1)
 
 
-_HEADS: dict[str, type[Head]] = {
-    "ssd": ConvHead,
-    "conv1x1": Conv1x1Head,
-    "dense": DenseHead,
-    "shared": SharedHead,
-    "ssdlite": SSDLiteHead,
-}
+REQUIRED_FIELDS = ("num_classes", "anchors_per_location", "dtype")
+
+
+def _check_head(name, obj):
+  fields = getattr(obj, "__dataclass_fields__", {})
+  if not (isinstance(obj, type) and issubclass(obj, nn.Module)) or any(
+      f not in fields for f in REQUIRED_FIELDS):
+    raise UserError(f"head {name!r} must be a flax.linen.Module class with the fields "
+                    f"{', '.join(REQUIRED_FIELDS)} (subclass ssdjax.models.heads.Head); got {obj!r}")
+
+
+REGISTRY = registry.Registry("head", "config.model.head", _check_head)
+for _name, _cls in (("ssd", ConvHead), ("conv1x1", Conv1x1Head), ("dense", DenseHead),
+                    ("shared", SharedHead), ("ssdlite", SSDLiteHead)):
+  REGISTRY.register(_name, _cls, _builtin=True)
+
+
+def register(name: str, cls: type[nn.Module] | None = None, *, overwrite: bool = False):
+  """Registers a head class as ``name`` (usable as ``config.model.head``); a decorator without
+  ``cls``. The class follows the contract of the module docstring (docs/extending.md)."""
+  return REGISTRY.register(name, cls, overwrite=overwrite)
 
 
 def names() -> tuple[str, ...]:
-  """Valid values of ``config.model.head``."""
-  return tuple(sorted(_HEADS))
+  """Registered values of ``config.model.head`` (an import path is valid too)."""
+  return REGISTRY.names()
 
 
-def get(name: str) -> type[Head]:
-  """The head module class registered as ``name``; ValueError listing the valid names."""
-  if name not in _HEADS:
-    raise ValueError(f"unknown head {name!r} (config.model.head); valid names: {', '.join(names())}")
-  return _HEADS[name]
+def get(name: str) -> type[nn.Module]:
+  """The head class registered as ``name`` or imported from ``"package.module:Name"``;
+  UserError listing the valid names."""
+  return REGISTRY.get(name)

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from flax.core import FrozenDict
 
 from ssdjax import anchors as anchors_lib
+from ssdjax.errors import UserError
 from ssdjax.models import backbones, heads
 
 _COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -35,7 +36,7 @@ def _check_kwargs(cls: type[nn.Module], kwargs: Mapping[str, Any], field: str, n
   unknown = sorted(set(kwargs) - set(kwarg_fields(cls)))
   if unknown:
     accepted = ", ".join(kwarg_fields(cls)) or "none"
-    raise ValueError(f"{field} has unknown keys {unknown} for {name!r}; accepted keys: {accepted}")
+    raise UserError(f"{field} has unknown keys {unknown} for {name!r}; accepted keys: {accepted}")
 
 
 def _freeze(value):
@@ -59,8 +60,8 @@ class SSD(nn.Module):
     anchors_per_location: K_i per level, ``ssdjax.anchors.per_location_from_config``.
     feature_sizes: expected side of each feature map (``config.anchors.feature_sizes``); the
       backbone's maps are checked against it when the model is traced.
-    backbone: name in ``backbones.names()``.
-    head: name in ``heads.names()``.
+    backbone: name in ``backbones.names()`` or an import path ``"package.module:Name"``.
+    head: name in ``heads.names()`` or an import path.
     backbone_kwargs, head_kwargs: extra fields of the backbone / head module.
     dtype: compute dtype (float32 or bfloat16); parameters are always float32.
   """
@@ -118,25 +119,38 @@ def _as_dict(kwargs) -> dict:
   return kwargs.to_dict() if hasattr(kwargs, "to_dict") else dict(kwargs)
 
 
-def from_config(config) -> SSD:
-  """The SSD an experiment config describes (``config.num_classes``, ``config.anchors``, ``config.model``).
+def check_config(config) -> None:
+  """Backbone and head resolve (name or import path), their kwargs exist, the dtype is known.
 
-  Raises ValueError for unknown backbone/head names, kwargs the chosen modules do not accept, and
-  an unknown ``config.model.compute_dtype``, before anything is traced.
+  Raises:
+    UserError: naming the field, before anything is traced.
   """
   m = config.model
   backbone_cls, head_cls = backbones.get(m.backbone), heads.get(m.head)
-  backbone_kwargs, head_kwargs = _as_dict(m.backbone_kwargs), _as_dict(m.head_kwargs)
-  _check_kwargs(backbone_cls, backbone_kwargs, "config.model.backbone_kwargs", m.backbone)
-  _check_kwargs(head_cls, head_kwargs, "config.model.head_kwargs", m.head)
+  _check_kwargs(backbone_cls, _as_dict(m.backbone_kwargs), "config.model.backbone_kwargs", m.backbone)
+  _check_kwargs(head_cls, _as_dict(m.head_kwargs), "config.model.head_kwargs", m.head)
   if m.compute_dtype not in _COMPUTE_DTYPES:
-    raise ValueError(f"config.model.compute_dtype is {m.compute_dtype!r}; valid: {', '.join(_COMPUTE_DTYPES)}")
+    raise UserError(f"config.model.compute_dtype is {m.compute_dtype!r}; valid: "
+                    f"{', '.join(_COMPUTE_DTYPES)}")
+
+
+def from_config(config) -> SSD:
+  """The SSD an experiment config describes (``config.class_names``, ``config.anchors``,
+  ``config.model``); ``config.class_names`` must be resolved (``ssdjax.data.resolve_classes``).
+
+  Raises UserError for unknown backbone/head names, kwargs the chosen modules do not accept, and
+  an unknown ``config.model.compute_dtype``, before anything is traced.
+  """
+  from ssdjax import config as config_lib  # pylint: disable=g-import-not-at-top
+
+  check_config(config)
+  m = config.model
   return SSD(
-      num_classes=config.num_classes,
+      num_classes=config_lib.num_classes(config),
       anchors_per_location=tuple(anchors_lib.per_location_from_config(config)),
       feature_sizes=tuple(config.anchors.feature_sizes),
       backbone=m.backbone,
       head=m.head,
-      backbone_kwargs=backbone_kwargs,
-      head_kwargs=head_kwargs,
+      backbone_kwargs=_as_dict(m.backbone_kwargs),
+      head_kwargs=_as_dict(m.head_kwargs),
       dtype=_COMPUTE_DTYPES[m.compute_dtype])

@@ -1,0 +1,1 @@
+"""Parts defined outside ssdjax, for the registry tests."""
