@@ -3,12 +3,14 @@
 import io
 import json
 import logging
+import os
 
 import numpy as np
 import PIL.Image
 import pytest
 
-from configs import ssd300_voc
+from tests.helpers import ssd300_voc
+from ssdjax import data
 from ssdjax.data import coco_json
 
 # Category ids deliberately not contiguous nor sorted: labels follow the sorted ids 3, 7, 11.
@@ -62,7 +64,7 @@ def test_good_folder_maps_labels_boxes_and_crowd(tmp_path):
       _ann(12, 2, [-0.5, 1, 10.6, 19], category_id=3),  # within 1 px: clipped, not rejected
   ])
   src = coco_json.CocoJsonSource(ann_file, image_dir, bad_records="raise")
-  assert src.class_names() == ("cat", "dog", "bird") and src.category_ids == (3, 7, 11)
+  assert src.class_names() == ("cat", "dog", "bird") and src.category_ids() == (3, 7, 11)
   assert len(src) == 3  # the image without annotations is kept
   r1 = src[0]
   assert r1["image_id"] == 1 and r1["image"].shape == (40, 80, 3) and r1["image"].dtype == np.uint8
@@ -171,21 +173,65 @@ def test_folder_layouts_and_config(tmp_path):
   with pytest.raises(ValueError, match="data_dir must name"):
     coco_json.from_config(config, "train")
   config.data.data_dir = str(tmp_path)
-  with pytest.raises(ValueError, match=r"annotations/train\.json nor .*annotations\.json"):
+  with pytest.raises(ValueError, match=r"annotations/train\.json not found .*annotation_file="):
     coco_json.from_config(config, "train")
-  # One file per split, images in images/<split>/.
+  # The default layout: one file per split, images in images/<split>/.
   _folder(tmp_path, {1: ("a.png", 10, 10, "good")}, [_ann(1, 1, [1, 1, 5, 5])],
           name="annotations/train.json", split_dir="train")
-  assert coco_json.paths(str(tmp_path), "train") == (
+  assert coco_json.paths(config, "train") == (
       str(tmp_path / "annotations" / "train.json"), str(tmp_path / "images" / "train"))
-  with pytest.raises(ValueError, match="has 3 categories but config.num_classes=21"):
-    coco_json.from_config(config, "train")
-  config.num_classes = 4
   src = coco_json.from_config(config, "train")
   assert len(src) == 1 and src[0]["labels"].tolist() == [1]
   assert coco_json.from_config(config, "train") is src  # parsed once per process
-  # A single annotations.json serves any split name; images/ is shared.
+  # Nothing is guessed: a single annotations.json needs the fields that say so.
   _folder(tmp_path, {2: ("b.png", 10, 10, "good")}, [], name="annotations.json")
-  assert coco_json.paths(str(tmp_path), "val") == (
+  with pytest.raises(ValueError, match="annotations/val.json not found"):
+    coco_json.from_config(config, "val")
+  config.data.coco_json.annotation_file = "annotations.json"
+  config.data.coco_json.image_dir = "images"
+  assert coco_json.paths(config, "val") == (
       str(tmp_path / "annotations.json"), str(tmp_path / "images"))
   assert coco_json.from_config(config, "val")[0]["image_id"] == 2
+  config.data.coco_json.image_dir = "pictures/{split}"
+  with pytest.raises(ValueError, match="image folder .*pictures/val not found"):
+    coco_json.from_config(config, "val")
+
+
+def _write_split(folder, annotation_file, image_dir, file_names, categories):
+  """A COCO-JSON split: 10x10 PNGs and one 4x4 box of the first category per image."""
+  os.makedirs(image_dir, exist_ok=True)
+  os.makedirs(os.path.dirname(annotation_file), exist_ok=True)
+  images = []
+  for k, name in enumerate(file_names, start=1):
+    PIL.Image.fromarray(np.full((10, 10, 3), 90, np.uint8)).save(os.path.join(image_dir, name))
+    images.append({"id": k, "file_name": name, "height": 10, "width": 10})
+  anns = [{"id": k, "image_id": k, "bbox": [2, 2, 4, 4], "category_id": categories[0]["id"],
+           "area": 16, "iscrowd": 0} for k in range(1, len(images) + 1)]
+  with open(annotation_file, "w") as f:
+    json.dump({"images": images, "annotations": anns, "categories": categories}, f)
+
+
+@pytest.mark.parametrize("layout", ["coco2017", "one_folder_per_split"])
+def test_real_world_layouts_load_by_config_fields(tmp_path, layout):
+  cats = [{"id": 18, "name": "dog"}, {"id": 1, "name": "person"}]
+  config = ssd300_voc.get_config()
+  config.class_names = None
+  config.data.source, config.data.data_dir = "coco_json", str(tmp_path)
+  if layout == "coco2017":  # the COCO 2017 release
+    for split in ("train2017", "val2017"):
+      _write_split(tmp_path, str(tmp_path / "annotations" / f"instances_{split}.json"),
+                   str(tmp_path / split), [f"0000{split[0]}1.jpg"], cats)
+    config.data.train, config.data.eval = ("train2017",), "val2017"
+    config.data.coco_json.annotation_file = "annotations/instances_{split}.json"
+    config.data.coco_json.image_dir = "{split}"
+  else:  # an annotation tool's export: each split folder holds its file and images
+    for split in ("train", "valid"):
+      _write_split(tmp_path, str(tmp_path / split / "_annotations.coco.json"),
+                   str(tmp_path / split), ["x.jpg", "y.jpg"], cats)
+    config.data.train, config.data.eval = ("train",), "valid"
+    config.data.coco_json.annotation_file = "{split}/_annotations.coco.json"
+    config.data.coco_json.image_dir = "{split}"
+  resolved = data.resolve_classes(config)
+  assert resolved.class_names == ("person", "dog") and resolved.data.category_ids == (1, 18)
+  source = coco_json.from_config(resolved, config.data.eval)
+  assert len(source) >= 1 and source[0]["labels"].tolist() == [2]  # dog: the second id

@@ -10,7 +10,7 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from configs import synthetic as synthetic_config
+from tests.helpers import synthetic as synthetic_config
 import ssdjax.data as data
 from ssdjax.data import pipeline, records
 
@@ -211,18 +211,46 @@ def test_preprocess_and_load_image(tmp_path):
     data.load_image(tmp_path / "nope.jpg")
 
 
-def test_class_names_from_config_or_coco_file(tmp_path):
-  c = _config()
-  assert data.class_names(c) == ("circle", "square", "triangle", "cross")
-  c.num_classes = 6
-  with pytest.raises(ValueError, match="config.class_names has 4 names but config.num_classes=6"):
-    data.class_names(c)
-  (tmp_path / "images").mkdir()
-  (tmp_path / "annotations.json").write_text(json.dumps({
-      "images": [], "annotations": [], "categories": [{"id": 9, "name": "b"},
-                                                      {"id": 2, "name": "a"}]}))
-  c.data.source, c.data.data_dir, c.num_classes = "coco_json", str(tmp_path), 3
-  assert data.class_names(c) == ("a", "b")
+def _coco_file(path, categories):
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text(json.dumps({"images": [], "annotations": [], "categories": categories}))
+
+
+def _coco_config(tmp_path):
+  c = synthetic_config.get_config()
+  c.class_names = None
+  c.data.source, c.data.data_dir = "coco_json", str(tmp_path)
+  c.data.train, c.data.eval = ("train",), "val"
+  return c
+
+
+def test_resolve_classes_reads_names_and_ids_from_the_data(tmp_path):
+  c = synthetic_config.get_config()
+  c.class_names = None
+  c.data.synthetic.num_classes = 3
+  assert data.resolve_classes(c).class_names == ("circle", "square", "triangle")
+  assert c.class_names is None  # a copy is resolved
+
+  cats = [{"id": 9, "name": "b"}, {"id": 2, "name": "a"}]
+  for split in ("train", "val"):
+    _coco_file(tmp_path / "annotations" / f"{split}.json", cats)
+    (tmp_path / "images" / split).mkdir(parents=True)
+  c = _coco_config(tmp_path)
+  r = data.resolve_classes(c)
+  assert r.class_names == ("a", "b") and r.data.category_ids == (2, 9)
+  assert [data.category_id(r, label) for label in (1, 2)] == [2, 9]
+  assert data.category_id(synthetic_config.get_config(), 3) == 3  # no ids: labels are ids
+
+  # A config that states names must agree with the data; so must every split.
+  c.class_names = ("a", "c")
+  with pytest.raises(ValueError, match=r"config.class_names \['a', 'c'\] differs .*\['a', 'b'\]"):
+    data.resolve_classes(c)
+  c.class_names = ("a", "b")
+  assert data.resolve_classes(c).data.category_ids == (2, 9)
+  c.class_names = None
+  _coco_file(tmp_path / "annotations" / "val.json", cats + [{"id": 4, "name": "z"}])
+  with pytest.raises(ValueError, match="splits disagree on their classes"):
+    data.resolve_classes(c)
 
 
 def test_skip_mode_images_that_fail_to_decode_are_left_out(tmp_path, caplog):
@@ -242,7 +270,8 @@ def test_skip_mode_images_that_fail_to_decode_are_left_out(tmp_path, caplog):
       "annotations": [{"id": k, "image_id": k, "bbox": [2, 2, 8, 8], "category_id": 1}
                       for k in range(1, 6)]}))
   c = _augment_off(_config())
-  c.data.source, c.data.data_dir, c.num_classes = "coco_json", str(tmp_path), 2
+  c.data.source, c.data.data_dir, c.class_names = "coco_json", str(tmp_path), ("thing",)
+  c.data.coco_json.annotation_file, c.data.coco_json.image_dir = "annotations.json", "images"
   c.data.train, c.data.eval = ("train",), "val"
   c.data.bad_records = "skip"
   with caplog.at_level(logging.WARNING):

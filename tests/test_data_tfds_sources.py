@@ -21,44 +21,12 @@ import pytest
 import tensorflow_datasets as tfds
 from tensorflow_datasets.object_detection import coco as tfds_coco
 
-from configs import ssd300_coco, ssd300_voc
+from tests.datasets import coco_example as _coco_example
+from tests.datasets import jpeg as _jpeg
+from tests.datasets import prepare as _prepare
+from tests.datasets import voc_example as _voc_example
+from tests.helpers import ssd300_coco, ssd300_voc
 from ssdjax.data import pipeline, tfds_sources
-
-
-def _jpeg(height, width, value):
-  buf = io.BytesIO()
-  PIL.Image.fromarray(np.full((height, width, 3), value, np.uint8)).save(buf, format="JPEG")
-  return buf.getvalue()
-
-
-def _prepare(builder, splits):
-  """Writes ``{split: [example]}`` as a prepared array_record data set of ``builder``."""
-  os.makedirs(builder.data_dir, exist_ok=True)
-  features = builder.info.features
-  infos = []
-  for split, examples in splits.items():
-    template = tfds.core.ShardedFileTemplate(data_dir=builder.data_dir, dataset_name=builder.name,
-                                             split=split, filetype_suffix="array_record")
-    writer = array_record_module.ArrayRecordWriter(
-        os.fspath(template.sharded_filepath(shard_index=0, num_shards=1)), "group_size:1")
-    for example in examples:
-      writer.write(features.serialize_example(features.encode_example(example)))
-    writer.close()
-    infos.append(tfds.core.SplitInfo(name=split, shard_lengths=[len(examples)], num_bytes=0,
-                                     filename_template=template))
-  builder.info.set_splits(tfds.core.SplitDict(infos))
-  builder.info.write_to_directory(builder.data_dir)
-
-
-def _voc_example(file_name, objects, size=(30, 40), value=50):
-  """objects: [(ymin, xmin, ymax, xmax), label 0..19, difficult]."""
-  return {
-      "image": _jpeg(*size, value), "image/filename": file_name,
-      "labels": sorted({o[1] for o in objects}),
-      "labels_no_difficult": sorted({o[1] for o in objects if not o[2]}),
-      "objects": [{"bbox": tfds.features.BBox(*box), "label": label, "is_difficult": difficult,
-                   "is_truncated": False, "pose": "frontal"} for box, label, difficult in objects],
-  }
 
 
 @pytest.fixture(scope="module")
@@ -139,14 +107,6 @@ def test_bad_boxes_raise_or_are_skipped(voc_dir, caplog):
   assert any("2008_000010.jpg" in m and "object 1" in m for m in caplog.messages)
 
 
-def _coco_example(image_id, objects):
-  """objects: [(ymin, xmin, ymax, xmax), label 0..79, is_crowd]."""
-  return {"image": _jpeg(24, 32, 90), "image/filename": f"{image_id:012d}.jpg",
-          "image/id": image_id,
-          "objects": [{"id": 100 + k, "area": 10, "bbox": tfds.features.BBox(*box), "label": label,
-                       "is_crowd": crowd} for k, (box, label, crowd) in enumerate(objects)]}
-
-
 def test_coco_prepared_copy_opens_without_tensorflow(tmp_path, monkeypatch):
   data_dir = str(tmp_path)
   # tfds's coco builder declares image/id as tf.int64: building it from code needs tensorflow.
@@ -225,3 +185,22 @@ def test_feature_maps_on_hand_built_examples():
   r = tfds_sources.coco_example_to_record(coco, image=None, file="f", index=0)
   assert r["boxes"].shape == (0, 4) and r["image_id"] == 77
   assert tfds_sources.parse_spec("coco/2017:1.1.0:train[:10%]") == ("coco/2017:1.1.0", "train[:10%]")
+
+
+def test_class_names_and_category_ids_come_from_the_tfds_features(voc_dir, tmp_path):
+  from ssdjax import data  # pylint: disable=g-import-not-at-top
+  from ssdjax.data import categories  # pylint: disable=g-import-not-at-top
+  from tests.datasets import prepare_coco  # pylint: disable=g-import-not-at-top
+
+  config = _voc_config(voc_dir)
+  config.class_names = None
+  resolved = data.resolve_classes(config)
+  assert resolved.class_names == categories.VOC_CLASSES and resolved.data.category_ids is None
+  prepare_coco(str(tmp_path), {"train": [_coco_example(1, [((0.1, 0.1, 0.5, 0.5), 3, False)])],
+                               "validation": [_coco_example(2, [])]})
+  config = ssd300_coco.get_config()
+  config.class_names, config.data.data_dir = None, str(tmp_path)
+  resolved = data.resolve_classes(config)
+  assert resolved.class_names == categories.COCO_CLASSES
+  assert resolved.data.category_ids == categories.COCO_CATEGORY_IDS
+  assert data.category_id(resolved, 12) == 13 and data.category_id(resolved, 80) == 90

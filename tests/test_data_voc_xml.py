@@ -6,7 +6,7 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from configs import ssd300_voc
+from tests.helpers import ssd300_voc
 from ssdjax.data import voc_xml
 
 CLASSES = ("cat", "dog")

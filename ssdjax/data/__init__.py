@@ -9,25 +9,26 @@ records (:mod:`ssdjax.data.records`):
 * ``"tfds"``: prepared ``voc`` / ``coco`` via ``tfds.data_source`` (:mod:`ssdjax.data.tfds_sources`);
   tensorflow_datasets is imported only when such a source is opened, and tensorflow never.
 
-Entry points: :func:`make_train_iterator`, :func:`make_eval_batches`, :func:`eval_ground_truth`,
-:func:`class_names`, and for prediction :func:`load_image` + :func:`preprocess`.
+Entry points: :func:`resolve_classes`, :func:`make_train_iterator`, :func:`make_eval_batches`,
+:func:`eval_ground_truth`, and for prediction :func:`load_image` + :func:`preprocess`.
 """
 
 from ssdjax.data.pipeline import (
     SOURCES,
-    class_names,
+    category_id,
     eval_ground_truth,
     make_eval_batches,
     make_source,
     make_train_iterator,
     preprocess,
+    resolve_classes,
 )
 from ssdjax.data.records import load_image
 from ssdjax.data.voc_xml import load_voc_folder
 
 __all__ = [
     "SOURCES",
-    "class_names",
+    "category_id",
     "eval_ground_truth",
     "load_image",
     "load_voc_folder",
@@ -35,4 +36,5 @@ __all__ = [
     "make_source",
     "make_train_iterator",
     "preprocess",
+    "resolve_classes",
 ]

@@ -1,14 +1,27 @@
 """COCO-JSON folders: any detection data set in the COCO annotation format.
 
-Layout of ``config.data.data_dir`` (a split name is an entry of ``config.data.train`` / ``eval``)::
+Where a split's files are is stated by two config fields, templates relative to
+``config.data.data_dir`` in which ``{split}`` is the split name (an entry of ``config.data.train``
+or ``config.data.eval``); nothing is guessed:
 
-  data_dir/annotations/<split>.json   one file per split ...
-  data_dir/annotations.json           ... or one file for every split name
-  data_dir/images/<split>/<file_name> images of a split ...
-  data_dir/images/<file_name>         ... or one folder for all
+* ``config.data.coco_json.annotation_file``: the split's annotation file, default
+  ``annotations/{split}.json``;
+* ``config.data.coco_json.image_dir``: the folder ``images[].file_name`` is relative to, default
+  ``images/{split}``.
+
+Common layouts::
+
+  default        annotations/train.json, images/train/...     (splits "train", "val")
+  COCO 2017      annotation_file="annotations/instances_{split}.json", image_dir="{split}"
+                 (splits "train2017", "val2017")
+  one folder     annotation_file="{split}/_annotations.coco.json", image_dir="{split}"
+  per split      (splits "train", "valid", "test", as annotation tools export them)
+  one file       annotation_file="annotations.json", image_dir="images"
 
 Categories are sorted by ``id`` and mapped to contiguous labels 1..K (0 is background); their
-names are the class names (:meth:`CocoJsonSource.class_names`). ``iscrowd`` becomes ``is_crowd``.
+names are the class names (:meth:`CocoJsonSource.class_names`) and their ids the category ids
+(:meth:`CocoJsonSource.category_ids`), both recorded in the workdir, so detections can be written
+back with the data set's own ids. ``iscrowd`` becomes ``is_crowd``.
 Images without annotations are kept (they are negatives).
 
 Everything is validated up front, before training starts: image entries (width/height, duplicate
@@ -32,6 +45,7 @@ from absl import logging
 import numpy as np
 
 from ssdjax.data import records
+from ssdjax.errors import UserError
 
 _BOX_TOLERANCE_PX = 1.0
 
@@ -90,7 +104,6 @@ class CocoJsonSource:
     """Category names in label order (label k = names[k - 1])."""
     return tuple(name for _, name in self._categories)
 
-  @property
   def category_ids(self) -> tuple[int, ...]:
     """COCO category id of each label (label k = category_ids[k - 1])."""
     return tuple(cat_id for cat_id, _ in self._categories)
@@ -197,33 +210,32 @@ class CocoJsonSource:
     return f"CocoJsonSource({self.annotation_file!r}, {len(self)} images)"
 
 
-def paths(data_dir: str | None, split: str) -> tuple[str, str]:
-  """(annotation file, image folder) of a split of a COCO-JSON folder (module docstring)."""
+def paths(config, split: str) -> tuple[str, str]:
+  """(annotation file, image folder) of a split, from ``config.data.coco_json`` (module docstring)."""
+  data_dir = config.data.data_dir
   if not data_dir:
-    raise ValueError("config.data.data_dir must name the COCO-JSON folder (with images/ and "
-                     "annotations.json or annotations/<split>.json) for source='coco_json'")
-  per_split = os.path.join(data_dir, "annotations", f"{split}.json")
-  single = os.path.join(data_dir, "annotations.json")
-  annotation_file = per_split if os.path.isfile(per_split) else single
+    raise UserError("config.data.data_dir must name the COCO-JSON folder for source='coco_json'")
+  layout = config.data.coco_json
+  annotation_file = os.path.join(data_dir, layout.annotation_file.format(split=split))
+  image_dir = os.path.join(data_dir, layout.image_dir.format(split=split))
   if not os.path.isfile(annotation_file):
-    raise ValueError(f"coco_json split {split!r}: neither {per_split} nor {single} exists")
-  image_dir = os.path.join(data_dir, "images", split)
+    raise UserError(
+        f"coco_json split {split!r}: annotation file {annotation_file} not found "
+        f"(config.data.coco_json.annotation_file={layout.annotation_file!r} under "
+        f"config.data.data_dir={data_dir!r}); set the two config.data.coco_json fields to the "
+        "folder's layout (docs/data.md)")
   if not os.path.isdir(image_dir):
-    image_dir = os.path.join(data_dir, "images")
+    raise UserError(
+        f"coco_json split {split!r}: image folder {image_dir} not found "
+        f"(config.data.coco_json.image_dir={layout.image_dir!r})")
   return annotation_file, image_dir
 
 
 def from_config(config, split: str) -> CocoJsonSource:
-  """The COCO-JSON source of one split; checks config.num_classes against the file's categories."""
-  annotation_file, image_dir = paths(config.data.data_dir, split)
-  source = _load(annotation_file, os.path.getmtime(annotation_file), image_dir,
-                 config.data.bad_records)
-  if len(source.class_names()) + 1 != config.num_classes:
-    raise ValueError(
-        f"{annotation_file} has {len(source.class_names())} categories but config.num_classes="
-        f"{config.num_classes}; set config.num_classes={len(source.class_names()) + 1} "
-        "(categories + background)")
-  return source
+  """The COCO-JSON source of one split (parsed and validated once per process and file)."""
+  annotation_file, image_dir = paths(config, split)
+  return _load(annotation_file, os.path.getmtime(annotation_file), image_dir,
+               config.data.bad_records)
 
 
 @functools.lru_cache(maxsize=4)

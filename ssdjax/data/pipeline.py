@@ -24,6 +24,7 @@ import grain
 import numpy as np
 
 from ssdjax.data import augment, coco_json, records, synthetic, tfds_sources, voc_xml
+from ssdjax.errors import UserError
 
 # config.data.source -> function (config, split spec) -> random-access source.
 SOURCES: dict[str, Callable[[Any, str], Any]] = {
@@ -193,15 +194,84 @@ def eval_ground_truth(config) -> list[dict[str, Any]]:
   return [{k: ann[k] for k in keys} for ann in map(source.annotation, range(len(source)))]
 
 
-def class_names(config) -> tuple[str, ...]:
-  """Foreground class names in label order: from the COCO-JSON file, else config.class_names."""
-  if config.data.source == "coco_json":
-    return coco_json.from_config(config, config.data.eval).class_names()
-  names = tuple(config.class_names)
-  if len(names) != config.num_classes - 1:
-    raise ValueError(f"config.class_names has {len(names)} names but config.num_classes="
-                     f"{config.num_classes}; num_classes must be len(class_names) + 1 (background)")
-  return names
+def _data_classes(config, eval_only: bool) -> tuple[tuple[str, ...], tuple[int, ...] | None]:
+  """(class names, category ids or None) as the data of ``config.data`` states them.
+
+  Every training split and the eval split must agree (COCO-JSON files with other categories,
+  say, would silently train one label as another class).
+  """
+  source = config.data.source
+  specs = [] if eval_only else list(_specs(config.data.train, "config.data.train"))
+  specs.append(config.data.eval)
+  if source == "synthetic":
+    return synthetic.class_names(config.data.synthetic.num_classes), None
+  if source == "voc_xml":
+    train_names = set()
+    for spec in specs[:-1] or specs:
+      train_names.update(voc_xml.class_names_in(config, spec))
+    extra = sorted(set(voc_xml.class_names_in(config, specs[-1])) - train_names)
+    if extra and not eval_only:
+      raise UserError(f"voc_xml eval split {specs[-1]!r} has classes {extra} that no training "
+                      "split has; set config.class_names to the full list")
+    if not train_names:
+      raise UserError(f"voc_xml training splits {specs[:-1]} have no objects")
+    return tuple(sorted(train_names)), None
+  if source not in SOURCES:
+    raise UserError(f"config.data.source={source!r} is unknown; valid sources: {sorted(SOURCES)}")
+  found = None
+  for spec in specs:
+    src = make_source(config, spec)
+    here = (tuple(src.class_names()), src.category_ids())
+    if found is None:
+      found, first = here, (spec, src)
+    elif here != found:
+      raise UserError(
+          f"the splits disagree on their classes: {first[0]!r} ({first[1]!r}) has "
+          f"{list(found[0])} (ids {found[1]}), {spec!r} ({src!r}) has {list(here[0])} (ids "
+          f"{here[1]}); give every split the same categories")
+  return found
+
+
+def resolve_classes(config, *, eval_only: bool = False):
+  """A copy of ``config`` with ``class_names`` and ``data.category_ids`` read from the data.
+
+  ``eval_only`` reads (or checks against) the eval split alone, for evaluating a trained run.
+
+  The class names (and, for COCO data, the category ids) are facts of the data set: read from
+  the COCO-JSON categories, the tfds features, the VOC annotations or the synthetic shapes. A
+  config that states them already (converted weights fix the outputs) is checked against the
+  data instead: the names must be the data's (for voc_xml: include every name it uses).
+
+  Raises:
+    UserError: the splits disagree, or the config's names differ from the data's.
+  """
+  names, ids = _data_classes(config, eval_only)
+  out = config.copy_and_resolve_references()
+  if config.class_names is not None:
+    given = tuple(config.class_names)
+    ok = set(names) <= set(given) if config.data.source == "voc_xml" else given == names
+    if not ok:
+      raise UserError(
+          f"config.class_names {list(given)} differs from the classes of the data "
+          f"({config.data.source}: {list(names)}); leave config.class_names unset (None) to "
+          "take them from the data, or use a config whose outputs match the data")
+    names = given
+  if config.data.category_ids is not None:
+    given_ids = tuple(config.data.category_ids)
+    if ids is not None and given_ids != tuple(ids):
+      raise UserError(f"config.data.category_ids {list(given_ids)} differs from the data's "
+                      f"{list(ids)}; leave it unset to take them from the data")
+    ids = given_ids
+  with out.unlocked():
+    out.class_names = tuple(names)
+    out.data.category_ids = None if ids is None else tuple(int(i) for i in ids)
+  return out
+
+
+def category_id(config, label: int) -> int:
+  """The data set's category id of a label (COCO ids for COCO data; else the label itself)."""
+  ids = config.data.category_ids
+  return int(ids[int(label) - 1]) if ids else int(label)
 
 
 def preprocess(image: np.ndarray, config) -> np.ndarray:

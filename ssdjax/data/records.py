@@ -28,6 +28,8 @@ from absl import logging
 import numpy as np
 import PIL.Image
 
+from ssdjax.errors import UserError
+
 Record = dict[str, Any]
 
 BAD_RECORDS_MODES = ("raise", "skip")
@@ -118,7 +120,7 @@ class BadEntries:
 
   def report(self, message: str) -> None:
     if self.mode == "raise":
-      raise ValueError(f"{message}; fix the data or set config.data.bad_records='skip' to drop it")
+      raise UserError(f"{message}; fix the data or set config.data.bad_records='skip' to drop it")
     logging.warning("%s; skipped (config.data.bad_records='skip')", message)
     self.messages.append(message)
 

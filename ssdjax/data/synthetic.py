@@ -75,6 +75,14 @@ class SyntheticShapes:
     self.min_size, self.max_size = float(min_size), float(max_size)
     self.num_classes = int(num_classes)
 
+  def class_names(self) -> tuple[str, ...]:
+    """Names of labels 1..num_classes."""
+    return class_names(self.num_classes)
+
+  def category_ids(self):
+    """None: the labels are the ids."""
+    return None
+
   def __len__(self) -> int:
     return self.num_examples
 
@@ -141,15 +149,17 @@ class SyntheticShapes:
     return None
 
 
+def class_names(num_classes: int) -> tuple[str, ...]:
+  """The names of labels 1..num_classes: the first ``num_classes`` of :data:`SHAPES`."""
+  return SHAPES[:num_classes]
+
+
 def from_config(config, split: str) -> SyntheticShapes:
   """The synthetic source of ``config.data.synthetic`` for split "train" or "val"."""
   syn = config.data.synthetic
   if split not in SPLITS:
     raise ValueError(f"synthetic split {split!r} is unknown; valid splits: {SPLITS} "
                      "(config.data.train / config.data.eval)")
-  if syn.num_classes != config.num_classes - 1:
-    raise ValueError(f"config.data.synthetic.num_classes={syn.num_classes} must equal "
-                     f"config.num_classes - 1 = {config.num_classes - 1}")
   image_hw = tuple(syn.image_hw) if syn.image_hw else (config.image_size, config.image_size)
   return SyntheticShapes(
       num_examples=syn.num_train if split == "train" else syn.num_val, split=split,

@@ -32,7 +32,8 @@ from typing import Any, Callable
 from absl import logging
 import numpy as np
 
-from ssdjax.data import records
+from ssdjax.data import categories, records
+from ssdjax.errors import UserError
 
 _SPEC = re.compile(r"^(?P<name>[^:]+(?::\d+\.\d+\.\d+)?):(?P<split>.+)$")
 
@@ -104,20 +105,43 @@ class TfdsSource:
   Args:
     spec: "name[:version]:split".
     data_dir: the tfds data_dir holding the prepared data set (None = tfds's default).
-    num_classes: labels must lie in 1..num_classes-1.
+    num_classes: labels must lie in 1..num_classes-1; None = background + the data set's label
+      names.
     bad_records: "raise" or "skip": what to do with a bad box or an image that does not decode
       (checked when the record is read; "skip" logs each one).
   """
 
-  def __init__(self, spec: str, data_dir: str | None, *, num_classes: int, bad_records: str):
+  def __init__(self, spec: str, data_dir: str | None, *, num_classes: int | None,
+               bad_records: str):
     self.name, self.split = parse_spec(spec)
     self._map = feature_map(self.name)
-    self.num_classes = int(num_classes)
     self.bad_records = records.check_bad_records_mode(bad_records)
     self._source = open_data_source(self.name, self.split, data_dir)
+    self.num_classes = len(self.class_names()) + 1 if num_classes is None else int(num_classes)
 
   def __len__(self) -> int:
     return len(self._source)
+
+  def class_names(self) -> tuple[str, ...]:
+    """Names of labels 1..K, from the data set's ``objects/label`` feature."""
+    info = getattr(self._source, "dataset_info", None)
+    try:
+      names = tuple(info.features["objects"]["label"].names)
+    except (AttributeError, KeyError, TypeError) as e:
+      raise UserError(f"tfds data set {self.name}: its dataset info has no objects/label names "
+                      f"({e}); set config.class_names") from e
+    if names == tuple(str(i) for i in range(len(names))):  # a ClassLabel without names
+      known = {"voc": categories.VOC_CLASSES, "coco": categories.COCO_CLASSES}.get(
+          self.name.split("/")[0])
+      if known is not None and len(known) == len(names):
+        return known
+    return names
+
+  def category_ids(self):
+    """COCO's category ids for the COCO family (labels are contiguous 1..80), else None."""
+    if self.name.split("/")[0] == "coco" and self.class_names() == categories.COCO_CLASSES:
+      return categories.COCO_CATEGORY_IDS
+    return None
 
   def _example(self, index: int):
     index = int(index)
@@ -173,7 +197,11 @@ def open_data_source(name: str, split: str, data_dir: str | None):
 
 
 def from_config(config, spec: str) -> TfdsSource:
-  return TfdsSource(spec, config.data.data_dir, num_classes=config.num_classes,
+  """The source of one split; labels are checked against ``config.class_names`` once resolved,
+  else against the data set's own label names."""
+  names = config.class_names
+  return TfdsSource(spec, config.data.data_dir,
+                    num_classes=None if names is None else len(names) + 1,
                     bad_records=config.data.bad_records)
 
 

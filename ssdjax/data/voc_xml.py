@@ -9,7 +9,8 @@ becomes ``difficult``; image ids are the digits of the file id (``2008_000002`` 
 
 As config.data.source="voc_xml", ``config.data.data_dir`` holds the year folders and the split
 specs are ``"<folder>:<image set>"``, e.g. ``"VOC2007:trainval"``; a spec without a folder reads
-``data_dir`` itself. Everything is validated up front as for COCO-JSON folders (see
+``data_dir`` itself. The class names are the object names the training splits' annotations use,
+sorted (:func:`class_names_in`; for the 20 VOC classes that is the devkit's order). Everything is validated up front as for COCO-JSON folders (see
 :mod:`ssdjax.data.coco_json`), following ``bad_records``.
 """
 
@@ -24,6 +25,7 @@ from absl import logging
 import numpy as np
 
 from ssdjax.data import records
+from ssdjax.errors import UserError
 
 _BOX_TOLERANCE_PX = 1.0
 
@@ -145,13 +147,39 @@ def load_voc_folder(root: str, class_names: Sequence[str], *, image_set: str | N
   return VocXmlSource(root, class_names, image_set=image_set, bad_records=bad_records)
 
 
-def from_config(config, spec: str) -> VocXmlSource:
+def _root(config, spec: str) -> tuple[str, str]:
   if not config.data.data_dir:
-    raise ValueError("config.data.data_dir must name the folder of the VOC year folders "
-                     "(e.g. VOCdevkit) for source='voc_xml'")
+    raise UserError("config.data.data_dir must name the folder of the VOC year folders "
+                    "(e.g. VOCdevkit) for source='voc_xml'")
   folder, image_set = records.split_spec(spec)
-  return load_voc_folder(os.path.join(config.data.data_dir, folder), config.class_names,
-                         image_set=image_set, bad_records=config.data.bad_records)
+  return os.path.join(config.data.data_dir, folder), image_set
+
+
+def class_names_in(config, spec: str) -> tuple[str, ...]:
+  """The class names the annotations of a split use, sorted (for VOC: the devkit's order).
+
+  Annotation files that cannot be read are left to the source, which reports them.
+  """
+  root, image_set = _root(config, spec)
+  found = set()
+  for image_id in _image_ids(root, image_set):
+    try:
+      tree = ET.parse(os.path.join(root, "Annotations", f"{image_id}.xml")).getroot()
+    except (OSError, ET.ParseError):
+      continue
+    found.update((obj.findtext("name") or "").strip() for obj in tree.findall("object"))
+  found.discard("")
+  return tuple(sorted(found))
+
+
+def from_config(config, spec: str) -> VocXmlSource:
+  """The source of one split; ``config.class_names`` must be resolved (label order)."""
+  if config.class_names is None:
+    raise UserError("config.class_names is not resolved: ssdjax.data.resolve_classes(config) "
+                    "reads it from the annotations")
+  root, image_set = _root(config, spec)
+  return load_voc_folder(root, config.class_names, image_set=image_set,
+                         bad_records=config.data.bad_records)
 
 
 def _image_ids(root: str, image_set: str | None) -> list[str]:
