@@ -18,6 +18,12 @@ def class_colour(label: int) -> tuple[int, int, int]:
   return _PALETTE[(int(label) - 1) % len(_PALETTE)]
 
 
+def upscale_factor(width: int, height: int, min_side: int) -> int:
+  """The integer factor that brings the shorter side to at least ``min_side`` (1 = none)."""
+  short = min(width, height)
+  return max(1, -(-int(min_side) // short)) if short > 0 and min_side > short else 1
+
+
 def to_pixels(boxes: np.ndarray, width: int, height: int) -> np.ndarray:
   """[N, 4] normalized xyxy -> [N, 4] pixel xyxy (float)."""
   return np.asarray(boxes, np.float64).reshape(-1, 4) * np.array([width, height, width, height])
@@ -25,8 +31,12 @@ def to_pixels(boxes: np.ndarray, width: int, height: int) -> np.ndarray:
 
 def draw_detections(image: np.ndarray, boxes: np.ndarray, labels: Sequence[int],
                     scores: Sequence[float] | None, class_names: Sequence[str],
-                    line_width: int = 2) -> Image.Image:
+                    line_width: int = 2, min_side: int = 0) -> Image.Image:
   """Draws boxes with "name score" captions.
+
+  An image whose shorter side is below ``min_side`` is first upscaled by the smallest integer
+  factor that reaches it (nearest neighbour: pixels stay as they are), so the 11-pixel captions
+  stay legible on small images; the boxes are normalized, so they scale with it.
 
   Args:
     image: [H, W, 3] uint8.
@@ -34,8 +44,13 @@ def draw_detections(image: np.ndarray, boxes: np.ndarray, labels: Sequence[int],
     labels: [N] class ids, 1..len(class_names) (0 = background is never drawn).
     scores: [N] or None (ground truth, drawn in the given order); boxes are drawn lowest score first.
     class_names: foreground class names; label l is class_names[l - 1].
+    line_width: outline width in pixels of the drawn image.
+    min_side: upscale images with a shorter side below this (0 = never).
   """
   img = Image.fromarray(np.asarray(image, np.uint8)).convert("RGB")
+  factor = upscale_factor(img.width, img.height, min_side)
+  if factor > 1:
+    img = img.resize((img.width * factor, img.height * factor), Image.NEAREST)
   draw = ImageDraw.Draw(img)
   font = ImageFont.load_default()
   pix = to_pixels(boxes, img.width, img.height)

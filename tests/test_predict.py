@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFont
 
-from configs import synthetic
+from tests.helpers import SHAPE_CLASSES
 from ssdjax import predict
 from ssdjax import train
 from ssdjax import visualize
 from tests.helpers import REPO, small_config, subprocess_env
 
-NAMES = synthetic.SHAPE_CLASSES
+NAMES = SHAPE_CLASSES
 # PIL draws a width-2 outline inside [int(x0), int(x1)]; captions are 11 px above the box, and the
 # default font's descenders reach one row further.
 LINE = 2
@@ -118,6 +118,7 @@ def test_predict_files_draws_boxes_where_detections_say(run, tmp_path):
     assert scores == sorted(scores, reverse=True)
     for d in dets:
       assert 1 <= d["label"] <= len(NAMES) and d["class_name"] == NAMES[d["label"] - 1]
+      assert d["category_id"] == d["label"]  # synthetic data: labels are their own ids
       expected = np.round(np.array(d["box_normalized"], np.float64) * [w, h, w, h], 2)
       np.testing.assert_allclose(d["box_xyxy"], expected, atol=1e-9)
 
@@ -135,7 +136,7 @@ def test_predict_files_draws_boxes_where_detections_say(run, tmp_path):
 
     # The CLI with only the top detection: its whole outline is checked.
     out = str(tmp_path / "top")
-    top = _cli(workdir, out, [path], f"--min_score={scores[0]!r}")
+    top = _cli(workdir, out, [path], f"--min_score={scores[0]!r}", "--min_draw_side=0")
     stdout, stderr = top.communicate(timeout=300)
     assert top.returncode == 0, stderr[-3000:]
     assert out in stdout
@@ -238,3 +239,68 @@ def test_the_most_confident_box_is_drawn_on_top():
     labels = [1, 2]
     drawn = np.asarray(visualize.draw_detections(image, boxes, labels, scores, ("a", "b")))
     np.testing.assert_array_equal(drawn[50, 20], visualize.class_colour(labels[top]))
+
+
+def test_inputs_are_files_folders_and_globs(tmp_path):
+  folder = tmp_path / "photos"
+  folder.mkdir()
+  for name in ("b.png", "a.jpg", "notes.txt"):
+    (folder / name).write_bytes(b"x")
+  (folder / "sub").mkdir()
+  single = tmp_path / "one.png"
+  single.write_bytes(b"x")
+  got = predict.expand_inputs([str(single), str(folder), str(tmp_path / "photos" / "*.png")])
+  assert got == [str(single), str(folder / "a.jpg"), str(folder / "b.png"), str(folder / "b.png")]
+  with pytest.raises(ValueError, match=r"image file .*nope.png not found.*pattern .*\*.gif"):
+    predict.expand_inputs([str(tmp_path / "nope.png"), str(tmp_path / "*.gif")])
+  (tmp_path / "empty").mkdir()
+  with pytest.raises(ValueError, match="holds no image file"):
+    predict.expand_inputs([str(tmp_path / "empty")])
+
+
+def test_bad_file_is_skipped_others_kept_and_outputs_never_overwritten(run, tmp_path):
+  workdir, path, image = run
+  images = tmp_path / "in"
+  images.mkdir()
+  good_a, good_b = images / "a.png", images / "c.png"
+  Image.fromarray(image).save(good_a)
+  Image.fromarray(image[:100, :90]).save(good_b)
+  payload = good_a.read_bytes()
+  (images / "b.png").write_bytes(payload[: len(payload) // 3])  # header fine, pixels cut off
+  out = subprocess.run([sys.executable, "-m", "ssdjax.predict", f"--workdir={workdir}",
+                        "--min_score=0.0", str(images)], env=subprocess_env(), cwd=REPO,
+                       capture_output=True, text=True, timeout=300)
+  assert out.returncode == 1, out.stderr[-3000:]
+  assert "1 file(s) could not be read" in out.stdout and "b.png" in out.stdout
+  first = os.path.join(workdir, "predictions", "step_2")
+  with open(os.path.join(first, "detections.json")) as f:
+    records = json.load(f)
+  assert [os.path.basename(r["file"]) for r in records] == ["a.png", "b.png", "c.png"]
+  assert "error" in records[1] and records[1]["detections"] == []
+  assert "cannot decode" in records[1]["error"]
+  assert records[0]["detections"] and (records[2]["width"], records[2]["height"]) == (90, 100)
+  assert sorted(os.listdir(first)) == ["a.png", "c.png", "detections.json"]
+  # The small image was drawn on an upscaled copy (default --min_draw_side=384): 5 x 90 >= 384.
+  with Image.open(os.path.join(first, "c.png")) as drawn:
+    assert drawn.size == (450, 500)
+  before = os.path.getmtime(os.path.join(first, "detections.json"))
+
+  # The same command again writes a new folder; the first is left as it was.
+  again = predict.predict_files(workdir, [str(good_a)], min_score=0.0)
+  assert again.outdir == first + "-2"
+  assert os.path.getmtime(os.path.join(first, "detections.json")) == before
+  with open(os.path.join(first + "-2", "detections.json")) as f:
+    assert json.load(f)[0]["detections"] == records[0]["detections"]
+
+
+def test_small_images_are_drawn_on_an_integer_upscaled_copy():
+  image = np.random.default_rng(3).integers(0, 256, (50, 70, 3), np.uint8)
+  assert visualize.upscale_factor(70, 50, 0) == 1 and visualize.upscale_factor(70, 50, 50) == 1
+  assert visualize.upscale_factor(70, 50, 120) == 3  # 2 x 50 < 120 <= 3 x 50
+  drawn = np.asarray(visualize.draw_detections(image, np.array([[0.5, 0.5, 0.9, 0.9]]), [1],
+                                               [0.5], ("a",), min_side=120))
+  assert drawn.shape == (150, 210, 3)
+  # Away from the box and its caption every pixel is the input's, repeated 3 x 3.
+  np.testing.assert_array_equal(drawn[:60, :90], np.repeat(np.repeat(image[:20, :30], 3, 0), 3, 1))
+  colour = visualize.class_colour(1)
+  assert np.array_equal(drawn[100, 105], colour)  # left edge of the box at x = 0.5 * 210
