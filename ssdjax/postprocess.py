@@ -5,7 +5,8 @@
 classes, and for each foreground class keep the scores above ``score_threshold``, take that class's
 ``top_k`` best, run greedy NMS within the class, and finally keep the ``max_detections`` best over
 all classes. Everything runs for the whole batch inside one ``jit`` and returns padded,
-fixed-size :class:`Detections`, so it runs on device and exports.
+fixed-size :class:`Detections`, so it runs on device and exports. Non-finite candidates (a NaN or
+inf box or score, e.g. from a diverged model) are masked out before the top-k, never detected.
 
 Memory: NMS builds one boolean overlap matrix ``[K, K]`` per image and class, ``K = min(top_k, A)``,
 so the batch holds ``B * (C - 1) * K^2`` bytes at once (the float IoU is fused into the comparison).
@@ -125,9 +126,17 @@ def _detect_one(loc, logits, anchors, *, score_threshold: float, iou_threshold: 
   """One image: loc [A, 4], logits [A, C], anchors [A, 4] cxcywh -> unbatched Detections."""
   num_anchors, num_classes = logits.shape
   k = min(top_k, num_anchors)
-  boxes = boxes_lib.clip(boxes_lib.decode(loc, anchors, variances))  # [A, 4] xyxy
-  probs = jax.nn.softmax(logits, axis=-1)  # [A, C]
+  decoded = boxes_lib.decode(loc, anchors, variances)  # [A, 4] xyxy, unclipped
+  # Checked before clipping, which would turn an inf coordinate into a finite edge; loc is checked
+  # too because a -inf size offset decodes to a finite zero-width box.
+  box_ok = jnp.all(jnp.isfinite(decoded) & jnp.isfinite(loc), axis=-1)  # [A]
+  # Zeroed so that no NaN reaches the IoU; the where is the identity on finite boxes.
+  boxes = jnp.where(box_ok[:, None], boxes_lib.clip(decoded), 0.0)  # [A, 4] xyxy
+  probs = jax.nn.softmax(logits, axis=-1)  # [A, C]; a NaN or +inf logit makes its row NaN
   fg_scores = probs[:, 1:].T  # [C-1, A]
+  # top_k ranks NaN above everything: a non-finite candidate must sink below every real one
+  # (-inf fails any threshold), or it takes a top-k slot and hides a real detection.
+  fg_scores = jnp.where(box_ok[None, :] & jnp.isfinite(fg_scores), fg_scores, -jnp.inf)
 
   # Per-class candidates. Taking the top k first and masking the sub-threshold ones afterwards
   # selects the same boxes as thresholding first (the survivors are a prefix of the sorted list).
@@ -169,6 +178,13 @@ def detect(loc, logits, anchors, *, score_threshold: float, iou_threshold: float
   ``min(top_k, A)`` best and apply greedy NMS (IoU ``> iou_threshold`` suppresses) among them;
   boxes of different classes never suppress each other. Then keep the ``max_detections`` best
   over all classes. Thresholds and counts are static; the whole batch runs in one ``jit``.
+
+  Non-finite inputs: an anchor whose offsets or decoded (unclipped) box have a NaN or inf
+  coordinate, or whose probability for class ``c`` is NaN (any NaN or +inf logit makes the
+  anchor's whole softmax row NaN), is never a candidate for ``c``: it takes no top-k slot,
+  suppresses nothing and is not counted in ``valid``; an all-NaN image gives ``valid == 0``.
+  A ``-inf`` logit is probability 0, below any threshold. Inputs whose decoded boxes and
+  probabilities are finite give the same output as without this rule.
 
   Use the experiment's values with ``detect(loc, logits, anchors, **from_config(config))``.
 

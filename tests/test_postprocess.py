@@ -287,6 +287,106 @@ def test_batch_equals_per_image():
 
 
 # ---------------------------------------------------------------------------------------------
+# Non-finite inputs: such a candidate is dropped, never detected and never takes a top-k slot.
+
+
+@pytest.mark.parametrize("bad_value", [np.nan, np.inf, -np.inf])
+def test_non_finite_offsets_are_never_detected(bad_value):
+  kw = dict(score_threshold=0.2, iou_threshold=0.5, top_k=25, max_detections=30)
+  loc, logits, anchors = random_problem(0, 2, 60, 4)
+  # Image 0's anchors with the highest foreground probability, i.e. its likely top detections;
+  # each gets one bad offset, every coordinate in turn (-inf on a size decodes to a zero-width box).
+  fg_best = np_softmax(logits[0].astype(np.float64))[:, 1:].max(-1)
+  bad = np.argsort(-fg_best)[:6]
+  bad_loc = loc.copy()
+  bad_loc[0, bad, np.arange(len(bad)) % 4] = bad_value
+  det = postprocess.detect(bad_loc, logits, anchors, **kw)
+
+  # Independent removal: the same anchors with (finite offsets and) no foreground probability.
+  removed_logits = logits.copy()
+  removed_logits[0, bad, 0] = 0.0
+  removed_logits[0, bad, 1:] = -1e4  # exp(-1e4) is exactly 0 in float32
+  want = postprocess.detect(loc, removed_logits, anchors, **kw)
+  for got, expected in zip(det, want):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(expected))
+
+  n = int(det.valid[0])
+  assert n > 0
+  assert np.all(np.isfinite(np.asarray(det.boxes))) and np.all(np.isfinite(np.asarray(det.scores)))
+  # The test bites: on the clean input some of those anchors are detections.
+  clean = postprocess.detect(loc, logits, anchors, **kw)
+  bad_boxes = np_decode_clip(loc[0, bad].astype(np.float64), anchors[bad].astype(np.float64),
+                             (0.1, 0.2))
+  clean_boxes = np.asarray(clean.boxes[0, :int(clean.valid[0])])
+  assert np.any(np.abs(clean_boxes[:, None] - bad_boxes[None]).max(-1) < 1e-5)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_non_finite_logits_do_not_hide_real_detections(seed):
+  kw = dict(score_threshold=0.2, iou_threshold=0.5, top_k=5, max_detections=30)
+  num_anchors, c = 80, 2
+  loc, logits, anchors = random_problem(seed, 1, num_anchors, 4)
+  # Class c's strongest anchors get non-finite logits. A NaN or +inf logit makes the anchor's whole
+  # softmax row NaN, so it drops out of every class; -inf is probability exactly 0 for class c.
+  order = np.argsort(-logits[0, :, c])
+  nan_idx, pos_inf_idx, neg_inf_idx = order[0:3], order[3:6], order[6:9]
+  bad_logits = logits.copy()
+  bad_logits[0, nan_idx, c] = np.nan
+  bad_logits[0, pos_inf_idx, c] = np.inf
+  bad_logits[0, neg_inf_idx, c] = -np.inf
+  det = postprocess.detect(loc, bad_logits, anchors, **kw)
+
+  undefined = np.concatenate([nan_idx, pos_inf_idx])
+  rest = np.setdiff1d(np.arange(num_anchors), undefined)
+  stats = dict(topk_binds=False, nms_suppressed=False, max_det_binds=False)
+  ref = np_detect_one(loc[0, rest], bad_logits[0, rest], anchors[rest], stats=stats, **kw)
+  assert_matches_reference(det, 0, ref, kw["max_detections"])
+  assert stats["topk_binds"]  # else a stolen top-k slot would hide nothing
+  # Class c's real detections come out: those of the input without any of the nine anchors.
+  rest = np.setdiff1d(rest, neg_inf_idx)
+  ref_boxes, ref_scores, ref_classes = np_detect_one(loc[0, rest], logits[0, rest], anchors[rest],
+                                                     **kw)
+  assert np.sum(ref_classes == c) > 0
+  is_c = np.asarray(det.classes[0]) == c
+  np.testing.assert_allclose(np.asarray(det.scores[0])[is_c], ref_scores[ref_classes == c],
+                             atol=1e-5)
+  np.testing.assert_allclose(np.asarray(det.boxes[0])[is_c], ref_boxes[ref_classes == c],
+                             atol=1e-5)
+
+
+@pytest.mark.parametrize("which", ["loc", "logits", "anchors", "all"])
+def test_all_nan_input_detects_nothing(which):
+  loc, logits, anchors = random_problem(0, 2, 40, 4)
+  args = dict(loc=loc, logits=logits, anchors=anchors)
+  for name in (args if which == "all" else [which]):
+    args[name] = np.full_like(args[name], np.nan)
+  det = postprocess.detect(args["loc"], args["logits"], args["anchors"], **KW)
+  np.testing.assert_array_equal(det.valid, [0, 0])
+  for x in det:
+    assert np.all(np.asarray(x) == 0)
+
+
+def test_non_finite_jit_equals_no_jit():
+  loc, logits, anchors = random_problem(5, 2, 30, 3)  # small: the eager loop runs op by op
+  best = np.argsort(-np_softmax(logits[0].astype(np.float64))[:, 1:].max(-1))[:4]
+  loc[0, best, 0] = np.nan
+  loc[1, 5:8, 3] = np.inf
+  logits[0, 10:14, 1] = np.nan
+  logits[1, :3, 2] = np.inf
+  logits[1, 20:24, 1] = -np.inf
+  fn = functools.partial(postprocess.detect, **dict(KW, top_k=6))
+  jitted = jax.jit(fn)(loc, logits, anchors)
+  with jax.disable_jit():
+    eager = fn(loc, logits, anchors)
+  assert np.all(np.asarray(jitted.valid) > 0)
+  np.testing.assert_array_equal(jitted.valid, eager.valid)
+  np.testing.assert_array_equal(jitted.classes, eager.classes)
+  np.testing.assert_allclose(jitted.scores, eager.scores, atol=1e-6)  # fusion changes the last ulp
+  np.testing.assert_allclose(jitted.boxes, eager.boxes, atol=1e-6)
+  assert np.all(np.isfinite(np.asarray(jitted.boxes)))
+
+
+# ---------------------------------------------------------------------------------------------
 # Argument validation and config.
 
 
