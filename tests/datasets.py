@@ -3,8 +3,10 @@
 * :func:`prepare` writes a real prepared tfds data set (array_record shards, dataset_info.json,
   features.json) with tfds's own feature specs, so ``tfds.data_source`` reads it through tfds's
   code, no tensorflow needed; :func:`voc_example` / :func:`coco_example` build its examples.
-* :func:`coco_json_split` writes a COCO-JSON annotation file and its images.
+* :func:`coco_json_split` writes a COCO-JSON annotation file and its images; :func:`salt_coco_json`
+  adds one bad annotation to some of its images.
 * :func:`voc_devkit` writes a PASCAL VOC devkit year folder (Annotations, JPEGImages, ImageSets).
+* :func:`truncate` cuts a file short, as an interrupted copy or download does.
 """
 
 import io
@@ -133,3 +135,37 @@ def voc_devkit(root, image_sets, class_names=("cat", "dog"), size=(50, 70)):
       with open(os.path.join(root, "Annotations", f"{i}.xml"), "w") as f:
         f.write(f"<annotation><filename>{i}.jpg</filename><size><width>{w}</width>"
                 f"<height>{h}</height><depth>3</depth></size>{objects}</annotation>")
+
+
+# The bad annotations salt_coco_json adds, in turn: [x, y, w, h] bbox (pixels) and category id
+# (None: the image's first category); each is one problem the source must report.
+_SALT = (([-30, 2, 10, 10], None),   # outside the image by more than 1 pixel
+         ([5, 5, 0, 8], None),       # zero width
+         ([2, 2, 8, 8], 999))        # unknown category
+
+
+def salt_coco_json(annotation_file, image_ids):
+  """Adds one bad annotation to each of ``image_ids`` (cycling through :data:`_SALT`), after the
+  image's good annotations; returns the ids of the added annotations."""
+  with open(annotation_file) as f:
+    data = json.load(f)
+  next_id = max([a["id"] for a in data["annotations"]], default=0) + 1
+  added = []
+  for k, image_id in enumerate(image_ids):
+    bbox, category_id = _SALT[k % len(_SALT)]
+    data["annotations"].append({
+        "id": next_id, "image_id": image_id, "bbox": bbox, "area": 1, "iscrowd": 0,
+        "category_id": data["categories"][0]["id"] if category_id is None else category_id})
+    added.append(next_id)
+    next_id += 1
+  with open(annotation_file, "w") as f:
+    json.dump(data, f)
+  return added
+
+
+def truncate(path, keep=0.6):
+  """Cuts a file to its first ``keep`` fraction (for an image of noise the header still reads)."""
+  with open(path, "rb") as f:
+    payload = f.read()
+  with open(path, "wb") as f:
+    f.write(payload[: int(len(payload) * keep)])

@@ -9,9 +9,10 @@ import numpy as np
 import PIL.Image
 import pytest
 
+from tests.datasets import coco_json_split, truncate
 from tests.helpers import ssd300_voc
 from ssdjax import data
-from ssdjax.data import coco_json
+from ssdjax.data import coco_json, records
 
 # Category ids deliberately not contiguous nor sorted: labels follow the sorted ids 3, 7, 11.
 _CATEGORIES = [{"id": 7, "name": "dog"}, {"id": 3, "name": "cat"}, {"id": 11, "name": "bird"}]
@@ -79,7 +80,8 @@ def test_good_folder_maps_labels_boxes_and_crowd(tmp_path):
   ann = src.annotation(0)
   assert "image" not in ann and (ann["height"], ann["width"]) == (40, 80)
   np.testing.assert_array_equal(ann["boxes"], r1["boxes"])
-  assert src.skipped == {"images": 0, "total_images": 3, "annotations": 0, "total_annotations": 3}
+  assert src.skipped == {"bad_entries": 0, "images": 0, "total_images": 3, "annotations": 0,
+                         "total_annotations": 3}
 
 
 # Each case: extra image entries, annotations, and what the raise-mode message must name.
@@ -96,6 +98,8 @@ _BAD_CASES = {
     "garbage_file": ({5: ("junk.png", 10, 10, "garbage")}, [],
                      ["image id 5", "junk.png", "cannot decode image"]),
     "size_mismatch": ({6: ("small.png", 99, 10, "good")}, [], ["image id 6", "small.png", "JSON says"]),
+    "truncated_file": ({7: ("cut.png", 30, 30, "truncated")}, [],
+                       ["image id 7", "cut.png", "truncated image file", "PNG IEND chunk"]),
 }
 
 
@@ -116,41 +120,83 @@ def test_raise_mode_names_file_and_entry(tmp_path, case):
     assert fragment in message, (fragment, message)
 
 
-def test_skip_mode_drops_counts_and_logs_every_entry(tmp_path, caplog):
-  images = {**_GOOD_IMAGES, 4: ("gone.png", 10, 10, "missing"), 5: ("junk.png", 10, 10, "garbage")}
+def test_skip_mode_drops_whole_images_counts_and_logs_every_entry(tmp_path, caplog):
+  images = {**_GOOD_IMAGES, 4: ("gone.png", 10, 10, "missing"), 5: ("junk.png", 10, 10, "garbage"),
+            6: ("cut.png", 30, 30, "truncated"), 7: ("fine.png", 10, 10, "good")}
   annotations = [
       _ann(1, 1, [1, 1, 5, 5]), _ann(2, 2, [1, 1, 5, 5]),            # good
       _ann(20, 1, [70, 5, 20, 10]),                                   # outside
       _ann(21, 1, [5, 5, 0, 10]),                                     # zero width
       _ann(23, 2, [5, 5, 3, 3], category_id=99),                      # unknown category
+      _ann(24, 42, [5, 5, 3, 3]),                                     # unknown image
       _ann(30, 4, [1, 1, 2, 2]), _ann(31, 4, [2, 2, 2, 2]),           # on the missing image
       _ann(32, 5, [1, 1, 2, 2]),                                      # on the garbage image
+      _ann(33, 6, [1, 1, 2, 2]),                                      # on the truncated image
+      _ann(40, 7, [1, 1, 5, 5]),                                      # good, image kept
   ]
   ann_file, image_dir = _folder(tmp_path, images, annotations)
   with caplog.at_level(logging.WARNING):
     src = coco_json.CocoJsonSource(ann_file, image_dir, bad_records="skip")
-  assert src.skipped == {"images": 2, "total_images": 5, "annotations": 6, "total_annotations": 8}
-  assert len(src) == 3 and [src.annotation(i)["image_id"] for i in range(3)] == [1, 2, 3]
-  assert [len(src.annotation(i)["labels"]) for i in range(3)] == [1, 1, 0]
-  per_entry = [m for m in caplog.messages if "skipped (config.data.bad_records='skip')" in m]
-  assert len(per_entry) == 5  # 3 annotations + 2 images
-  for fragment in ("annotation id 20", "annotation id 21", "annotation id 23", "gone.png",
-                   "junk.png"):
-    assert sum(fragment in m for m in per_entry) == 1, fragment
-  assert any("skipped 6 of 8 annotations, 2 of 5 images" in m for m in caplog.messages)
+  # Images 1 and 2 have good annotations too: kept without their bad objects they would train
+  # those objects as background, so they go whole.
+  assert [src.annotation(i)["image_id"] for i in range(len(src))] == [3, 7]
+  assert [len(src.annotation(i)["labels"]) for i in range(len(src))] == [0, 1]
+  assert src.skipped == {"bad_entries": 7, "images": 5, "total_images": 7, "annotations": 10,
+                         "total_annotations": 11}
+  per_entry = [m for m in caplog.messages if m.endswith("(config.data.bad_records='skip')")]
+  assert len(per_entry) == 7  # 4 annotations + 3 image files, each once
+  for fragment, dropped in (("annotation id 20", "image id 1 dropped with all its annotations"),
+                            ("annotation id 21", "image id 1 dropped"),
+                            ("annotation id 23", "image id 2 dropped with all its annotations"),
+                            ("annotation id 24", "annotation dropped"),
+                            ("gone.png", "image dropped"), ("junk.png", "image dropped"),
+                            ("cut.png: truncated image file", "image dropped")):
+    hits = [m for m in per_entry if fragment in m]
+    assert len(hits) == 1 and dropped in hits[0], (fragment, hits)
+  summary = [m for m in caplog.messages if "bad entries" in m]
+  assert len(summary) == 1 and summary[0].startswith(
+      f"{ann_file}: 7 bad entries, each logged above; dropped 5 of 7 images and 10 of 11 "
+      "annotations"), summary
 
 
-def test_corrupt_pixels_at_load_time(tmp_path, caplog):
-  images = {**_GOOD_IMAGES, 4: ("cut.png", 30, 30, "truncated")}
-  ann_file, image_dir = _folder(tmp_path, images, [_ann(1, 4, [1, 1, 5, 5])])
-  src = coco_json.CocoJsonSource(ann_file, image_dir, bad_records="raise")
-  assert len(src) == 4  # the header reads fine
-  with pytest.raises(ValueError, match=r"cut\.png: cannot decode image.*image id 4"):
-    src[3]  # pylint: disable=pointless-statement
-  src = coco_json.CocoJsonSource(ann_file, image_dir, bad_records="skip")
+def test_truncated_jpeg_is_found_up_front(tmp_path, caplog):
+  cats = [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}]
+  ann_file, image_dir = str(tmp_path / "train.json"), str(tmp_path / "images")
+  coco_json_split(ann_file, image_dir, cats, num_images=4)
+  cut = os.path.join(image_dir, "img_0_2.jpg")  # image id 3
+  truncate(cut)
+  assert records.image_size(cut) == (48, 64)  # the header still reads
+  with pytest.raises(ValueError) as info:
+    coco_json.CocoJsonSource(ann_file, image_dir, bad_records="raise")
+  for fragment in (ann_file, "image id 3", cut, "truncated image file", "FF D9",
+                   "bad_records='skip'"):
+    assert fragment in str(info.value), (fragment, str(info.value))
   with caplog.at_level(logging.WARNING):
-    assert src[3] is None
-  assert any("cut.png" in m and "image dropped" in m for m in caplog.messages)
+    src = coco_json.CocoJsonSource(ann_file, image_dir, bad_records="skip")
+  assert [src.annotation(i)["image_id"] for i in range(len(src))] == [1, 2, 4]
+  assert src.skipped == {"bad_entries": 1, "images": 1, "total_images": 4, "annotations": 2,
+                         "total_annotations": 8}
+  assert sum(cut in m and "image dropped" in m for m in caplog.messages) == 1
+  assert any(m.startswith(f"{ann_file}: 1 bad entries") for m in caplog.messages)
+  assert all(src[i]["image"].shape == (48, 64, 3) for i in range(len(src)))
+
+
+def test_decode_failure_when_drawn_is_logged_once(tmp_path, caplog):
+  # A file that breaks after the source checked it (replaced while training runs, say).
+  ann_file, image_dir = _folder(tmp_path, _GOOD_IMAGES, [_ann(1, 1, [1, 1, 5, 5])])
+  for mode in ("raise", "skip"):
+    src = coco_json.CocoJsonSource(ann_file, image_dir, bad_records=mode)
+    assert len(src) == 3
+    truncate(os.path.join(image_dir, "a.png"), keep=0.5)
+    if mode == "raise":
+      with pytest.raises(ValueError, match=r"a\.png: cannot decode image.*image id 1"):
+        src[0]  # pylint: disable=pointless-statement
+      _write_png(tmp_path / "images" / "a.png", 40, 80, value=1)
+  with caplog.at_level(logging.WARNING):
+    assert [src[0] for _ in range(3)] == [None] * 3  # three epochs
+  assert src[1]["image_id"] == 2
+  dropped = [m for m in caplog.messages if "a.png" in m]
+  assert len(dropped) == 1 and "image dropped" in dropped[0] and "once per process" in dropped[0]
 
 
 def test_structural_errors_always_raise(tmp_path):

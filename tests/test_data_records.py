@@ -56,19 +56,70 @@ def test_box_problem_accepts_valid_boxes():
   assert records.box_problem([0.1, 0.1, 0.1001, 0.1001], 1, num_classes=2) is None  # tiny is fine
 
 
-def test_clean_boxes_raise_and_skip(caplog):
+def test_clean_boxes_raise_or_drop_the_whole_record_once(caplog):
+  # A file name of this test alone: clean_boxes reports a record once per process.
   r = records.make_record(None, [[0.1, 0.1, 0.5, 0.5], [0.3, 0.3, 0.3, 0.6], [0.1, 0.1, 0.2, 0.2]],
-                          [1, 2, 9], image_id=0, file="tfds:voc[3]")
-  with pytest.raises(ValueError, match=r"tfds:voc\[3\]: object 1: .*zero area.*bad_records='skip'"):
+                          [1, 2, 9], image_id=0, file="tfds:voc[3] (clean_boxes)")
+  with pytest.raises(ValueError, match=r"tfds:voc\[3\] \(clean_boxes\): object 1: .*zero area.*"
+                                       r"bad_records='skip'"):
     records.clean_boxes(r, num_classes=5, bad_records="raise")
   with caplog.at_level(logging.WARNING):
-    out = records.clean_boxes(r, num_classes=5, bad_records="skip")
-  assert out["labels"].tolist() == [1]
-  assert sum("tfds:voc[3]: object" in m for m in caplog.messages) == 2
+    # Drawn twice (two epochs): dropped both times, each bad box logged the first time only.
+    assert records.clean_boxes(r, num_classes=5, bad_records="skip") is None
+    assert records.clean_boxes(r, num_classes=5, bad_records="skip") is None
+  per_box = [m for m in caplog.messages if "(clean_boxes): object" in m]
+  assert len(per_box) == 2 and all("image dropped" in m for m in per_box)
+  assert "object 1" in per_box[0] and "label 9" in per_box[1]
   good = records.make_record(None, [[0.1, 0.1, 0.5, 0.5]], [1], image_id=0, file="g")
   assert records.clean_boxes(good, num_classes=2, bad_records="raise") is good
+  assert records.clean_boxes(good, num_classes=2, bad_records="skip") is good
   with pytest.raises(ValueError, match="bad_records='ignore'.*'raise', 'skip'"):
     records.clean_boxes(good, num_classes=2, bad_records="ignore")
+
+
+def test_warn_once_per_key(caplog):
+  with caplog.at_level(logging.WARNING):
+    assert records.warn_once("test_warn_once_per_key:a", "first a")
+    assert not records.warn_once("test_warn_once_per_key:a", "second a")
+    assert records.warn_once("test_warn_once_per_key:b", "first b")
+  assert caplog.messages == ["first a", "first b"]
+
+
+def _encoded(fmt, size=(48, 64)):
+  buf = io.BytesIO()
+  PIL.Image.fromarray(np.random.default_rng(0).integers(0, 256, size + (3,), np.uint8)).save(
+      buf, format=fmt)
+  return buf.getvalue()
+
+
+def test_truncation_problem_reads_the_end_marker(tmp_path):
+  jpeg, png = _encoded("JPEG"), _encoded("PNG")
+  files = {
+      "ok.jpg": jpeg, "ok.png": png,
+      "padded.jpg": jpeg + b"\0" * 300,      # zero padding after the end marker
+      "trailer.jpg": jpeg + b"SEFH" * 400,    # a camera's trailer: decoded once, fine
+      "trailer.png": png + b"extra bytes",
+      "cut.jpg": jpeg[: len(jpeg) * 2 // 3], "cut.png": png[: len(png) * 2 // 3],
+      "cut_before_marker.jpg": jpeg[:-2],
+      "cut_in_iend.png": png[:-4],            # every pixel is there: decoded once, fine
+  }
+  for name, payload in files.items():
+    (tmp_path / name).write_bytes(payload)
+  PIL.Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / "other.bmp")
+  for name in ("ok.jpg", "ok.png", "padded.jpg", "trailer.jpg", "trailer.png", "cut_in_iend.png",
+               "other.bmp"):
+    assert records.truncation_problem(str(tmp_path / name)) is None, name
+  for name, marker in (("cut.jpg", "JPEG end-of-image marker FF D9"),
+                       ("cut.png", "PNG IEND chunk"),
+                       ("cut_before_marker.jpg", "FF D9")):
+    problem = records.truncation_problem(str(tmp_path / name))
+    assert problem is not None and problem.startswith(str(tmp_path / name)), name
+    assert "truncated image file" in problem and marker in problem, problem
+  # The up-front check: the header of a cut file reads fine, read_image_sizes still rejects it.
+  assert records.image_size(str(tmp_path / "cut.jpg")) == (48, 64)
+  sizes = records.read_image_sizes([str(tmp_path / n) for n in ("ok.jpg", "cut.jpg", "cut.png")])
+  assert sizes[0] == (48, 64)
+  assert "cut.jpg: truncated image file" in sizes[1] and "cut.png: truncated" in sizes[2]
 
 
 def test_box_iou_matches_jax_iou():

@@ -93,7 +93,7 @@ def test_training_batches_from_tfds_drop_difficult(voc_dir):
   assert sorted(batch["gt_labels"][batch["gt_mask"]].tolist()) == [1, 7, 15]
 
 
-def test_bad_boxes_raise_or_are_skipped(voc_dir, caplog):
+def test_bad_boxes_raise_or_drop_the_whole_record(voc_dir, caplog):
   config = _voc_config(voc_dir)
   src = pipeline.make_source(config, "voc/2012:validation")
   with pytest.raises(ValueError, match=r"(?s)voc/2012:validation\[0\].*2008_000010.jpg.*object 1.*"
@@ -102,9 +102,12 @@ def test_bad_boxes_raise_or_are_skipped(voc_dir, caplog):
   config.data.bad_records = "skip"
   src = pipeline.make_source(config, "voc/2012:validation")
   with caplog.at_level(logging.WARNING):
-    record = src[0]
-  assert record["labels"].tolist() == [7]
-  assert any("2008_000010.jpg" in m and "object 1" in m for m in caplog.messages)
+    # Its good box (label 7) goes too: kept alone it would train the bad object as background.
+    assert [src[0] for _ in range(3)] == [None] * 3  # three epochs, logged once
+    ann = src.annotation(0)
+  assert ann["boxes"].shape == (0, 4) and (ann["height"], ann["width"]) == (30, 40)
+  logged = [m for m in caplog.messages if "2008_000010.jpg" in m]
+  assert len(logged) == 1 and "object 1" in logged[0] and "image dropped" in logged[0]
 
 
 def test_coco_prepared_copy_opens_without_tensorflow(tmp_path, monkeypatch):

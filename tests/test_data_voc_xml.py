@@ -1,13 +1,15 @@
 """Tests for ssdjax.data.voc_xml: devkit 1-based coordinates, difficult flags, image sets, errors."""
 
 import logging
+import os
 
 import numpy as np
 import PIL.Image
 import pytest
 
+from tests.datasets import truncate, voc_devkit
 from tests.helpers import ssd300_voc
-from ssdjax.data import voc_xml
+from ssdjax.data import records, voc_xml
 
 CLASSES = ("cat", "dog")
 
@@ -78,22 +80,59 @@ _BAD = {
 
 
 @pytest.mark.parametrize("case", sorted(_BAD))
-def test_bad_entries_raise_or_skip(tmp_path, case, caplog):
+def test_bad_entries_raise_or_skip_the_whole_image(tmp_path, case, caplog):
   objects, with_image, fragment = _BAD[case]
   _write(tmp_path, "000001", (10, 10), [_object("dog", (1, 1, 5, 5))])
-  _write(tmp_path, "000002", (10, 10), objects, image=with_image)
+  # The bad object comes with a good one: kept without it, the image would train it as background.
+  _write(tmp_path, "000002", (10, 10), [_object("dog", (1, 1, 4, 4))] + objects, image=with_image)
   with pytest.raises(ValueError, match=fragment) as info:
     voc_xml.load_voc_folder(str(tmp_path), CLASSES)
   assert "000002" in str(info.value)
   with caplog.at_level(logging.WARNING):
     src = voc_xml.load_voc_folder(str(tmp_path), CLASSES, bad_records="skip")
-  assert any(fragment in m and "000002" in m for m in caplog.messages)
-  if case == "missing_image":
-    assert len(src) == 1 and src.skipped["images"] == 1 and src.skipped["annotations"] == 1
-  else:
-    assert len(src) == 2 and src[1]["boxes"].shape == (0, 4)
-    assert src.skipped == {"images": 0, "total_images": 2, "annotations": 1,
-                           "total_annotations": 2}
+  per_entry = [m for m in caplog.messages if m.endswith("(config.data.bad_records='skip')")]
+  assert len(per_entry) == 1 and fragment in per_entry[0] and "000002" in per_entry[0], per_entry
+  assert "image dropped" in per_entry[0] or "image 000002 dropped" in per_entry[0]
+  assert len(src) == 1 and src.annotation(0)["image_id"] == 1
+  assert src.skipped == {"bad_entries": 1, "images": 1, "total_images": 2, "annotations": 2,
+                         "total_annotations": 3}
+  assert any(m.startswith(f"{tmp_path}: 1 bad entries") and "dropped 1 of 2 images and 2 of 3 "
+             "objects" in m for m in caplog.messages)
+
+
+def test_every_bad_object_is_reported(tmp_path, caplog):
+  _write(tmp_path, "000001", (10, 10), [_object("horse", (2, 2, 8, 8)),
+                                        _object("cat", (2, 2, 8, 8)),
+                                        _object("cat", (8, 2, 3, 8))])
+  with caplog.at_level(logging.WARNING):
+    src = voc_xml.load_voc_folder(str(tmp_path), CLASSES, bad_records="skip")
+  assert len(src) == 0 and src.skipped["bad_entries"] == 2
+  per_entry = [m for m in caplog.messages if m.endswith("(config.data.bad_records='skip')")]
+  assert len(per_entry) == 2
+  assert "object 0: unknown class" in per_entry[0] and "object 2: bndbox" in per_entry[1]
+
+
+def test_truncated_jpeg_is_found_up_front(tmp_path, caplog):
+  root = tmp_path / "VOC2007"
+  voc_devkit(str(root), {"trainval": ["000001", "000002", "000003"]})
+  cut = os.path.join(root, "JPEGImages", "000002.jpg")
+  # Noise, so that the cut falls in the pixel data and the header still reads.
+  PIL.Image.fromarray(np.random.default_rng(0).integers(0, 256, (50, 70, 3), np.uint8)).save(cut)
+  truncate(cut)
+  assert records.image_size(cut) == (50, 70)
+  with pytest.raises(ValueError) as info:
+    voc_xml.load_voc_folder(str(root), CLASSES, image_set="trainval")
+  for fragment in ("Annotations/000002.xml", cut, "truncated image file", "FF D9",
+                   "bad_records='skip'"):
+    assert fragment in str(info.value), (fragment, str(info.value))
+  with caplog.at_level(logging.WARNING):
+    src = voc_xml.load_voc_folder(str(root), CLASSES, image_set="trainval", bad_records="skip")
+  assert [src.annotation(i)["image_id"] for i in range(len(src))] == [1, 3]
+  assert src.skipped == {"bad_entries": 1, "images": 1, "total_images": 3, "annotations": 2,
+                         "total_annotations": 6}
+  assert sum(cut in m and "image dropped" in m for m in caplog.messages) == 1
+  assert any(m.startswith(f"{root}: 1 bad entries") for m in caplog.messages)
+  assert all(src[i]["image"].shape == (50, 70, 3) for i in range(len(src)))
 
 
 def test_not_a_voc_folder(tmp_path):

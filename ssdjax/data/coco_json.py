@@ -25,13 +25,15 @@ back with the data set's own ids. ``iscrowd`` becomes ``is_crowd``.
 Images without annotations are kept (they are negatives).
 
 Everything is validated up front, before training starts: image entries (width/height, duplicate
-ids, missing or unreadable file, file size different from the JSON), annotations (unknown image or
-category, bbox of wrong form, zero/negative width or height, bbox outside the image by more than
-1 pixel; within 1 pixel it is clipped). ``bad_records="raise"`` stops at the first problem with
-a message naming the file and the annotation id; ``"skip"`` drops the entry (an image with its
-annotations), logs a warning per entry and a final count, kept in :attr:`CocoJsonSource.skipped`.
-Pixel data that fails to decode at load time raises a ValueError naming the file ("raise"), or is
-logged and dropped from training ("skip").
+ids, missing, unreadable or truncated file, file size different from the JSON), annotations
+(unknown image or category, bbox of wrong form, zero/negative width or height, bbox outside the
+image by more than 1 pixel; within 1 pixel it is clipped). ``bad_records="raise"`` stops at the
+first problem with a message naming the file and the annotation id; ``"skip"`` drops the whole
+image of a bad entry with all its annotations (kept without one of its objects, the image would
+train that object as background; an annotation of no known image is dropped alone), logs a
+warning per entry and a final count, kept in :attr:`CocoJsonSource.skipped`. Pixel data that still
+fails to decode when drawn raises a ValueError naming the file ("raise"), or is dropped and
+logged once per file and process ("skip").
 """
 
 from __future__ import annotations
@@ -41,7 +43,6 @@ import json
 import math
 import os
 
-from absl import logging
 import numpy as np
 
 from ssdjax.data import records
@@ -72,17 +73,21 @@ class CocoJsonSource:
     annotations = data.get("annotations", [])
     if not isinstance(annotations, list):
       raise ValueError(f"{self.annotation_file}: 'annotations' must be a list")
-    num_bad_annotations = 0
+    bad_image_ids = set()
     for k, ann in enumerate(annotations):
-      if isinstance(ann, dict) and ann.get("image_id") in dropped_ids:
-        num_bad_annotations += 1  # dropped with its image, which was reported
-        continue
-      entry = self._check_annotation(k, ann, images, label_of, bad)
-      if entry is None:
-        num_bad_annotations += 1
+      image_id = ann.get("image_id") if isinstance(ann, dict) else None
+      if _is_key(image_id) and image_id in dropped_ids:
+        continue  # its image file or entry was reported and dropped
+      entry = self._check_annotation(k, ann, images, label_of)
+      if isinstance(entry, str):
+        if _is_key(image_id) and image_id in images:
+          bad.report(entry, dropped=f"image id {image_id} dropped with all its annotations")
+          bad_image_ids.add(image_id)  # its other annotations are still checked and reported
+        else:
+          bad.report(entry, dropped="annotation dropped")
       else:
-        boxes[ann["image_id"]].append(entry)
-    self._images = [images[i] for i in sorted(images)]
+        boxes[image_id].append(entry)
+    self._images = [images[i] for i in sorted(images) if i not in bad_image_ids]
     self._annotations = []
     for image in self._images:
       entries = boxes[image["id"]]
@@ -91,14 +96,12 @@ class CocoJsonSource:
           np.array([e[1] for e in entries], np.int32),
           np.array([e[2] for e in entries], bool)))
     num_images = len(data.get("images"))
-    self.skipped = {"images": num_images - len(self._images), "total_images": num_images,
-                    "annotations": num_bad_annotations, "total_annotations": len(annotations)}
-    if bad.messages:
-      logging.warning(
-          "%s: skipped %d of %d annotations, %d of %d images (config.data.bad_records='skip'): %s",
-          self.annotation_file, num_bad_annotations, len(annotations),
-          self.skipped["images"], num_images, "; ".join(bad.messages[:5])
-          + (" ..." if len(bad.messages) > 5 else ""))
+    num_kept_annotations = sum(len(labels) for _, labels, _ in self._annotations)
+    self.skipped = {"bad_entries": len(bad.messages),
+                    "images": num_images - len(self._images), "total_images": num_images,
+                    "annotations": len(annotations) - num_kept_annotations,
+                    "total_annotations": len(annotations)}
+    bad.log_summary(self.annotation_file, self.skipped)
 
   def class_names(self) -> tuple[str, ...]:
     """Category names in label order (label k = names[k - 1])."""
@@ -120,7 +123,8 @@ class CocoJsonSource:
       if self.bad_records == "raise":
         raise ValueError(f"{e} (image id {image_entry['id']} of {self.annotation_file}); "
                          "replace the file or set config.data.bad_records='skip'") from e
-      logging.warning("%s; image dropped (config.data.bad_records='skip')", e)
+      records.warn_once(path, f"{e}; image dropped (config.data.bad_records='skip'; reported once "
+                        "per process)")
       return None
     return self._record(index, image)
 
@@ -151,7 +155,8 @@ class CocoJsonSource:
         continue
       image_id, name = entry["id"], entry["file_name"]
       if image_id in seen:
-        bad.report(f"{where}: image id {image_id} ({name}) appears twice in 'images'")
+        bad.report(f"{where}: image id {image_id} ({name}) appears twice in 'images'",
+                   dropped="second entry dropped")
         continue
       seen.add(image_id)
       if not (_is_number(entry["width"]) and _is_number(entry["height"])
@@ -168,41 +173,34 @@ class CocoJsonSource:
     dropped.update(entry["id"] for entry in rejected)
     return images, dropped
 
-  def _check_annotation(self, k, ann, images, label_of, bad: records.BadEntries):
-    """One annotation -> (normalized xyxy box, label, is_crowd), or None if it is bad."""
+  def _check_annotation(self, k, ann, images, label_of) -> tuple | str:
+    """One annotation -> (normalized xyxy box, label, is_crowd), or its problem as a message."""
     where = self.annotation_file
     if not isinstance(ann, dict) or not {"id", "image_id", "bbox", "category_id"} <= set(ann):
-      bad.report(f"{where}: annotations[{k}] needs the keys id, image_id, bbox, category_id")
-      return None
+      return f"{where}: annotations[{k}] needs the keys id, image_id, bbox, category_id"
     ann_id = ann["id"]
-    image = images.get(ann["image_id"])
+    image = images.get(ann["image_id"]) if _is_key(ann["image_id"]) else None
     if image is None:
-      bad.report(f"{where}: annotation id {ann_id}: unknown image_id {ann['image_id']}")
-      return None
+      return f"{where}: annotation id {ann_id}: unknown image_id {ann['image_id']}"
     prefix = f"{where}: annotation id {ann_id} (image {image['path']})"
-    if ann["category_id"] not in label_of:
-      bad.report(f"{prefix}: unknown category_id {ann['category_id']}; categories in the file: "
-                 f"{sorted(label_of)}")
-      return None
+    if not _is_key(ann["category_id"]) or ann["category_id"] not in label_of:
+      return (f"{prefix}: unknown category_id {ann['category_id']}; categories in the file: "
+              f"{sorted(label_of)}")
     bbox = ann["bbox"]
     if not (isinstance(bbox, (list, tuple)) and len(bbox) == 4 and all(map(_is_number, bbox))):
-      bad.report(f"{prefix}: bbox {bbox!r} must be 4 finite numbers [x, y, width, height]")
-      return None
+      return f"{prefix}: bbox {bbox!r} must be 4 finite numbers [x, y, width, height]"
     x, y, w, h = (float(v) for v in bbox)
     if w <= 0 or h <= 0:
-      bad.report(f"{prefix}: bbox {bbox} has zero or negative width/height")
-      return None
+      return f"{prefix}: bbox {bbox} has zero or negative width/height"
     width, height = image["width"], image["height"]
     tol = _BOX_TOLERANCE_PX
     if x < -tol or y < -tol or x + w > width + tol or y + h > height + tol:
-      bad.report(f"{prefix}: bbox {bbox} [x, y, width, height] lies outside the {width}x{height} "
-                 f"image by more than {tol:g} pixel")
-      return None
+      return (f"{prefix}: bbox {bbox} [x, y, width, height] lies outside the {width}x{height} "
+              f"image by more than {tol:g} pixel")
     x0, y0 = max(x, 0.0), max(y, 0.0)
     x1, y1 = min(x + w, width), min(y + h, height)
     if x1 <= x0 or y1 <= y0:
-      bad.report(f"{prefix}: bbox {bbox} has zero area inside the {width}x{height} image")
-      return None
+      return f"{prefix}: bbox {bbox} has zero area inside the {width}x{height} image"
     box = (x0 / width, y0 / height, x1 / width, y1 / height)
     return box, label_of[ann["category_id"]], bool(ann.get("iscrowd", 0))
 
@@ -269,6 +267,11 @@ def _categories(data, where) -> list[tuple[int, str]]:
       raise ValueError(f"{where}: category id {cat['id']} appears twice")
     out[cat["id"]] = str(cat["name"])
   return sorted(out.items())
+
+
+def _is_key(v) -> bool:
+  """Whether an id from the JSON can be looked up (a list or dict there would raise TypeError)."""
+  return isinstance(v, (int, float, str)) and not isinstance(v, bool)
 
 
 def _is_number(v) -> bool:

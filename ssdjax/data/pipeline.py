@@ -6,6 +6,10 @@ element's position (``random_map``) -> batches -> ``num_workers`` worker process
 (``mp_prefetch``; 0 = in the main process). Difficult (VOC) and crowd (COCO) boxes are dropped from
 the training targets, as Caffe SSD and torchvision do; evaluation keeps them to ignore matches.
 
+Worker processes end when the process that started them ends, even by SIGKILL
+(:func:`_exit_with_parent`), and the shared memory that carries their batches is released before
+the process exits (:func:`release_shared_memory`).
+
 Batches are dicts of NumPy arrays with static shapes (``G = config.data.max_boxes``)::
 
   train: images float32 [b, S, S, 3] normalized, gt_boxes float32 [b, G, 4] xyxy normalized,
@@ -15,12 +19,21 @@ Batches are dicts of NumPy arrays with static shapes (``G = config.data.max_boxe
 
 from __future__ import annotations
 
+import atexit
+import functools
+import gc
+import os
+import select
+import signal
+import threading
+import time
 import types
 from typing import Any, Callable, Iterator, Sequence
 
 from absl import flags
 from absl import logging
 import grain
+import grain.multiprocessing
 import numpy as np
 
 from ssdjax.data import augment, coco_json, records, synthetic, tfds_sources, voc_xml
@@ -39,7 +52,12 @@ SOURCES: dict[str, Callable[[Any, str], Any]] = {
 _READ_THREADS = 2
 _READ_BUFFER = 16
 
+# How often a worker checks that its parent is alive where it cannot wait on a pidfd (not Linux).
+_PARENT_POLL_S = 0.5
+
 _warned_max_boxes = False
+# Set once a pipeline with worker processes is built: their batches come in shared memory.
+_shared_memory_used = False
 
 
 def make_source(config, spec: str):
@@ -168,10 +186,12 @@ def make_eval_batches(config, *, batch_size: int) -> Iterator[dict[str, np.ndarr
   _check_data_config(config)
   ds = grain.MapDataset.source(eval_source(config)).map(EvalTransform(config))
   return _padded_batches(iter(_batched(ds, batch_size, config.data.num_workers,
-                                       drop_remainder=False)), batch_size)
+                                       drop_remainder=False)), batch_size,
+                         in_workers=config.data.num_workers > 0)
 
 
-def _padded_batches(iterator, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+def _padded_batches(iterator, batch_size: int, *,
+                    in_workers: bool) -> Iterator[dict[str, np.ndarray]]:
   try:
     for batch in iterator:
       yield _pad_batch(batch, batch_size)
@@ -179,6 +199,8 @@ def _padded_batches(iterator, batch_size: int) -> Iterator[dict[str, np.ndarray]
     close = getattr(iterator, "close", None)
     if close is not None:
       close()
+    if in_workers:
+      release_shared_memory()
 
 
 def eval_ground_truth(config) -> list[dict[str, Any]]:
@@ -288,6 +310,7 @@ def _batched(ds: grain.MapDataset, batch_size: int, num_workers: int, *, drop_re
 
   ``None`` elements (images dropped by bad_records="skip" at load time) are filtered out.
   """
+  global _shared_memory_used
   read_options = grain.ReadOptions(num_threads=_READ_THREADS, prefetch_buffer_size=_READ_BUFFER)
   it = ds.to_iter_dataset(read_options).batch(batch_size, drop_remainder=drop_remainder)
   if num_workers > 0:
@@ -295,8 +318,75 @@ def _batched(ds: grain.MapDataset, batch_size: int, num_workers: int, *, drop_re
       # grain's worker processes read absl flags; outside absl.app (notebooks, tests) the flag
       # defaults apply.
       flags.FLAGS.mark_as_parsed()
-    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+    if not _shared_memory_used:
+      # atexit runs the last registered first: this runs before multiprocessing's own exit
+      # handler (registered when grain imported it), which stops grain's unlink thread.
+      atexit.register(release_shared_memory)
+      _shared_memory_used = True
+    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers),
+                        worker_init_fn=functools.partial(_exit_with_parent, os.getpid()))
   return it
+
+
+def _exit_with_parent(parent_pid: int, worker_index: int, worker_count: int) -> None:
+  """grain ``worker_init_fn``: ends this worker process as soon as ``parent_pid`` has ended.
+
+  Without it a trainer killed by SIGKILL (or the OOM killer) leaves its workers running, and
+  Python's resource tracker with them: it waits for every process that holds its pipe.
+
+  ``prctl(PR_SET_PDEATHSIG)`` cannot do this here: the kernel sends that signal when the *thread*
+  that started the worker ends, and grain starts each worker from a prefetch thread that it stops
+  and replaces in ``set_state`` (a resumed run), which would kill healthy workers and hang the
+  resume. A daemon thread waits for the parent process instead.
+
+  Ctrl-C in a terminal signals the whole process group; workers ignore SIGINT so that the
+  trainer alone handles it (it saves a checkpoint, then ends, and its workers with it).
+  """
+  del worker_index, worker_count
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
+  threading.Thread(target=_wait_for_parent_then_exit, args=(parent_pid,), daemon=True,
+                   name="ssdjax-exit-with-parent").start()
+
+
+def _wait_for_parent_then_exit(parent_pid: int) -> None:
+  try:
+    # Linux >= 5.3: readable once the process has ended, no polling.
+    pidfd = os.pidfd_open(parent_pid)
+  except (AttributeError, OSError):  # another OS, or the parent has ended already
+    pidfd = None
+  # A worker is reparented when its parent ends, so while getppid() is parent_pid the pidfd is
+  # the parent's and not a later process that reuses its pid.
+  if pidfd is not None and os.getppid() == parent_pid:
+    select.select([pidfd], [], [])
+  else:
+    while os.getppid() == parent_pid:
+      time.sleep(_PARENT_POLL_S)
+  os._exit(1)  # pylint: disable=protected-access
+
+
+def release_shared_memory() -> None:
+  """Unlinks the shared memory of the worker batches that nothing uses any more, and waits for it.
+
+  Worker processes hand batches over in shared memory, which grain 0.2 unlinks when the array is
+  garbage collected. Two ways it can miss that, each ending the run with the resource tracker's
+  "leaked shared_memory objects" warning: (1) a prefetch thread that ends on an exception (every
+  eval pass ends on StopIteration) keeps its last batch in a reference cycle through the
+  exception's traceback, which only the cyclic GC frees, and at interpreter shutdown that runs
+  after the modules ``SharedMemoryArray.__del__`` needs are gone; (2) ``__del__`` unlinks in a
+  background thread pool, which multiprocessing's exit handler stops with unlinks still queued.
+  This collects the cycles, then waits until the pool has done what was queued. It runs at exit
+  and at the end of every eval pass with workers.
+  """
+  gc.collect()
+  pool = getattr(grain.multiprocessing.SharedMemoryArray, "_del_thread_pool", None)
+  if pool is None:
+    return
+  try:
+    # A no-op queued behind the pending unlinks: grain gives the pool one thread, which runs them
+    # in order.
+    pool.apply(int)
+  except ValueError:  # the pool was stopped already
+    pass
 
 
 def _pad_batch(batch: dict[str, np.ndarray], batch_size: int) -> dict[str, np.ndarray]:

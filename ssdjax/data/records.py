@@ -11,8 +11,11 @@ A *record* is one image with its ground truth, as NumPy arrays::
 A *source* is random access (``__len__`` + ``__getitem__``), so it can feed ``grain.MapDataset.source``.
 Every source here also has ``annotation(index)``: the same record without ``"image"`` and with the
 image's ``"height"`` and ``"width"`` in pixels, read without decoding the pixels where the source can.
-``__getitem__`` may return ``None`` for an image dropped by ``bad_records="skip"`` at load time (grain
-filters ``None`` out; the drop is logged).
+``__getitem__`` may return ``None`` for an image dropped by ``bad_records="skip"`` when it is drawn
+(grain filters ``None`` out; the drop is logged once per file and process).
+
+``bad_records="skip"`` drops the whole image of a bad annotation, never the annotation alone: an
+image kept without one of its objects would train that object as background.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import concurrent.futures
 import io
 import os
 import re
+import threading
 from typing import Any, Sequence
 
 from absl import logging
@@ -33,6 +37,17 @@ from ssdjax.errors import UserError
 Record = dict[str, Any]
 
 BAD_RECORDS_MODES = ("raise", "skip")
+
+# A complete JPEG ends with its end-of-image marker (zero padding after it is common) and a PNG with
+# its IEND chunk; the last bytes of a file tell a cut-off copy without decoding it.
+_JPEG_START, _JPEG_END = b"\xff\xd8\xff", b"\xff\xd9"
+_PNG_START, _PNG_END = b"\x89PNG\r\n\x1a\n", b"IEND\xaeB`\x82"
+_TAIL_BYTES = 1024
+
+# Keys already warned about by warn_once in this process (grain's read threads share it).
+_warned: set[str] = set()
+_warned_lock = threading.Lock()
+
 
 def make_record(image, boxes, labels, *, difficult=None, is_crowd=None, image_id: int,
                 file: str) -> Record:
@@ -107,43 +122,78 @@ def check_bad_records_mode(mode: str) -> str:
   return mode
 
 
+def warn_once(key: str, message: str) -> bool:
+  """Logs ``message`` as a warning the first time ``key`` is seen in this process.
+
+  A bad image found when it is drawn would otherwise be reported again every epoch.
+
+  Returns:
+    Whether the message was logged (False: ``key`` was reported before).
+  """
+  with _warned_lock:
+    if key in _warned:
+      return False
+    _warned.add(key)
+  logging.warning("%s", message)
+  return True
+
+
 class BadEntries:
   """Applies ``config.data.bad_records`` to the problems found while validating a data set.
 
-  ``"raise"``: :meth:`report` raises ValueError with the message. ``"skip"``: it logs a warning per
-  entry and keeps the message in ``messages``; the caller drops the entry and logs a final count.
+  ``"raise"``: :meth:`report` raises UserError with the message. ``"skip"``: it logs a warning per
+  entry, saying what is dropped, and keeps the message in ``messages``; the caller drops that and
+  logs :meth:`log_summary` at the end.
   """
 
   def __init__(self, mode: str):
     self.mode = check_bad_records_mode(mode)
     self.messages: list[str] = []
 
-  def report(self, message: str) -> None:
+  def report(self, message: str, *, dropped: str = "image dropped") -> None:
+    """Raises, or logs ``message`` with what is ``dropped`` because of it ("image 3 dropped")."""
     if self.mode == "raise":
       raise UserError(f"{message}; fix the data or set config.data.bad_records='skip' to drop it")
-    logging.warning("%s; skipped (config.data.bad_records='skip')", message)
+    logging.warning("%s; %s (config.data.bad_records='skip')", message, dropped)
     self.messages.append(message)
 
+  def log_summary(self, where: str, skipped: dict[str, int], *, unit: str = "annotations") -> None:
+    """Logs the final count once, if anything was reported; ``skipped`` as ``Source.skipped``."""
+    if not self.messages:
+      return
+    logging.warning(
+        "%s: %d bad entries, each logged above; dropped %d of %d images and %d of %d %s (those "
+        "of the dropped images included) (config.data.bad_records='skip'). First: %s",
+        where, skipped["bad_entries"], skipped["images"], skipped["total_images"],
+        skipped["annotations"], skipped["total_annotations"], unit,
+        "; ".join(self.messages[:3]) + (" ..." if len(self.messages) > 3 else ""))
 
-def clean_boxes(record: Record, *, num_classes: int, bad_records: str) -> Record:
+
+def clean_boxes(record: Record, *, num_classes: int, bad_records: str) -> Record | None:
   """Checks every box of a record read lazily (tfds) against :func:`box_problem`.
 
-  ``bad_records="raise"`` raises ValueError naming the record's file and the object index;
-  ``"skip"`` drops each bad box with a warning.
+  Returns:
+    ``record`` if every box is fine. Otherwise ``bad_records="raise"`` raises UserError naming the
+    record's file and the object index, and ``"skip"`` returns None (the whole image is dropped)
+    after logging each bad box the first time this process meets it.
   """
-  bad = BadEntries(bad_records)
+  check_bad_records_mode(bad_records)
   boxes, labels = record["boxes"], record["labels"]
   if (np.isfinite(boxes).all() and (boxes >= 0).all() and (boxes <= 1).all()
       and (boxes[:, 2:] > boxes[:, :2]).all() and (labels >= 1).all()
       and (labels < num_classes).all()):
     return record  # the common case, without a Python loop over the boxes
-  keep = np.ones(len(labels), bool)
-  for i, (box, label) in enumerate(zip(record["boxes"], record["labels"])):
-    problem = box_problem(box, label, num_classes)
-    if problem is not None:
-      bad.report(f"{record['file']}: object {i}: {problem}")
-      keep[i] = False
-  return record if keep.all() else select_boxes(record, keep)
+  problems = [f"{record['file']}: object {i}: {problem}"
+              for i, (box, label) in enumerate(zip(boxes, labels))
+              if (problem := box_problem(box, label, num_classes)) is not None]
+  if not problems:
+    return record
+  if bad_records == "raise":
+    BadEntries("raise").report(problems[0])
+  for message in problems:
+    warn_once(message, f"{message}; image dropped (config.data.bad_records='skip'; reported once "
+              "per process)")
+  return None
 
 
 def decode_image(data: bytes, *, name: str) -> np.ndarray:
@@ -187,14 +237,49 @@ def image_size(image: str | bytes, *, name: str | None = None) -> tuple[int, int
   return height, width
 
 
+def truncation_problem(path: str) -> str | None:
+  """Why a JPEG or PNG file is cut short, naming it; None if it is complete or of another format.
+
+  Reads the first and last bytes only: a JPEG must end with its end-of-image marker FF D9 (zero
+  padding after it allowed), a PNG with its IEND chunk. The header that :func:`image_size` reads
+  says nothing of a copy or download that stopped early. A file with other bytes after its end
+  marker (some cameras append a trailer) is decoded once to tell the two apart.
+  """
+  with open(path, "rb") as f:
+    head = f.read(len(_PNG_START))
+    size = f.seek(0, os.SEEK_END)
+    f.seek(max(0, size - _TAIL_BYTES))
+    tail = f.read()
+  if head.startswith(_JPEG_START):
+    complete, end = tail.rstrip(b"\0").endswith(_JPEG_END), "the JPEG end-of-image marker FF D9"
+  elif head.startswith(_PNG_START):
+    complete, end = tail.endswith(_PNG_END), "the PNG IEND chunk"
+  else:
+    return None
+  if complete:
+    return None
+  try:
+    load_image(path)
+  except ValueError as e:
+    return (f"{path}: truncated image file (it does not end with {end} and does not decode: "
+            f"{e.__cause__})")
+  return None
+
+
 def read_image_sizes(paths: Sequence[str]) -> list[tuple[int, int] | str]:
-  """(height, width) of each image from its header, or the problem naming the file as a string."""
+  """(height, width) of each image from its header, or the problem naming the file as a string.
+
+  A JPEG or PNG file that is cut short is a problem too (:func:`truncation_problem`).
+  """
 
   def one(path):
     try:
-      return image_size(path)
+      size = image_size(path)
+      return truncation_problem(path) or size
     except ValueError as e:
       return str(e)
+    except OSError as e:  # removed or made unreadable since its header was read
+      return f"{path}: cannot read the image file ({e})"
 
   # Reading headers is I/O bound: threads overlap it.
   with concurrent.futures.ThreadPoolExecutor(16) as pool:
@@ -202,11 +287,11 @@ def read_image_sizes(paths: Sequence[str]) -> list[tuple[int, int] | str]:
 
 
 def split_by_image_size(entries: Sequence[dict], bad: "BadEntries", *, where, annotation_kind: str):
-  """Splits entries {"path", "height", "width", ...} into (readable, rejected) by their image header.
+  """Splits entries {"path", "height", "width", ...} into (readable, rejected) by their image file.
 
-  An entry is rejected (and reported to ``bad``) when its file is missing or unreadable, or when
-  its size differs from what the annotation (``annotation_kind``: "JSON", "XML") says.
-  ``where(entry)`` names the entry in the message.
+  An entry is rejected (and reported to ``bad``) when its file is missing, unreadable or cut short
+  (:func:`read_image_sizes`), or when its size differs from what the annotation
+  (``annotation_kind``: "JSON", "XML") says. ``where(entry)`` names the entry in the message.
   """
   readable, rejected = [], []
   for entry, size in zip(entries, read_image_sizes([e["path"] for e in entries])):

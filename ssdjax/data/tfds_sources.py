@@ -29,7 +29,6 @@ from __future__ import annotations
 import re
 from typing import Any, Callable
 
-from absl import logging
 import numpy as np
 
 from ssdjax.data import categories, records
@@ -107,8 +106,11 @@ class TfdsSource:
     data_dir: the tfds data_dir holding the prepared data set (None = tfds's default).
     num_classes: labels must lie in 1..num_classes-1; None = background + the data set's label
       names.
-    bad_records: "raise" or "skip": what to do with a bad box or an image that does not decode
-      (checked when the record is read; "skip" logs each one).
+    bad_records: "raise" or "skip": what to do with a bad box or an image that does not decode,
+      checked when the record is read (reading every record up front would read the whole data
+      set). "skip" drops the whole record (``__getitem__`` returns None) and logs each problem
+      once per process; :meth:`annotation` of such a record has no boxes, so evaluation ignores
+      it as it ignores an absent image.
   """
 
   def __init__(self, spec: str, data_dir: str | None, *, num_classes: int | None,
@@ -154,7 +156,8 @@ class TfdsSource:
     except ValueError as e:
       if self.bad_records == "raise":
         raise ValueError(f"{e}; set config.data.bad_records='skip' to drop it") from e
-      logging.warning("%s; image dropped (config.data.bad_records='skip')", e)
+      records.warn_once(file, f"{e}; image dropped (config.data.bad_records='skip'; reported once "
+                        "per process)")
       return None
     record = self._map(example, image=image, file=file, index=int(index))
     return records.clean_boxes(record, num_classes=self.num_classes, bad_records=self.bad_records)
@@ -163,9 +166,11 @@ class TfdsSource:
     example, file = self._example(index)
     height, width = records.image_size(example["image"], name=file)
     record = self._map(example, image=None, file=file, index=int(index))
-    record = records.clean_boxes(record, num_classes=self.num_classes,
-                                 bad_records=self.bad_records)
-    return {**record, "height": height, "width": width}
+    cleaned = records.clean_boxes(record, num_classes=self.num_classes,
+                                  bad_records=self.bad_records)
+    if cleaned is None:  # dropped: without boxes it counts in no metric, as if absent
+      cleaned = records.select_boxes(record, np.zeros(len(record["labels"]), bool))
+    return {**cleaned, "height": height, "width": width}
 
   def __repr__(self) -> str:
     return f"TfdsSource({self.name}:{self.split}, {len(self)} records)"

@@ -10,8 +10,11 @@ becomes ``difficult``; image ids are the digits of the file id (``2008_000002`` 
 As config.data.source="voc_xml", ``config.data.data_dir`` holds the year folders and the split
 specs are ``"<folder>:<image set>"``, e.g. ``"VOC2007:trainval"``; a spec without a folder reads
 ``data_dir`` itself. The class names are the object names the training splits' annotations use,
-sorted (:func:`class_names_in`; for the 20 VOC classes that is the devkit's order). Everything is validated up front as for COCO-JSON folders (see
-:mod:`ssdjax.data.coco_json`), following ``bad_records``.
+sorted (:func:`class_names_in`; for the 20 VOC classes that is the devkit's order).
+
+Everything is validated up front as for COCO-JSON folders (see :mod:`ssdjax.data.coco_json`),
+following ``bad_records``: ``"skip"`` drops the whole image of a bad object, logs each bad entry
+and a final count, kept in :attr:`VocXmlSource.skipped`.
 """
 
 from __future__ import annotations
@@ -21,7 +24,6 @@ import os
 from typing import Sequence
 import xml.etree.ElementTree as ET
 
-from absl import logging
 import numpy as np
 
 from ssdjax.data import records
@@ -41,24 +43,20 @@ class VocXmlSource:
     ids = _image_ids(self.root, image_set)
     bad = records.BadEntries(bad_records)
     parsed = []
-    num_objects = num_bad_objects = 0
+    num_objects = 0
     for image_id in ids:
       xml_path = os.path.join(self.root, "Annotations", f"{image_id}.xml")
-      entry = self._parse(xml_path, image_id, bad)
-      if entry is None:
-        continue
-      num_objects += entry.pop("num_objects")
-      num_bad_objects += entry.pop("num_bad_objects")
-      parsed.append(entry)
-    self._entries, rejected = records.split_by_image_size(
+      entry, n = self._parse(xml_path, image_id, bad)
+      num_objects += n
+      if entry is not None:
+        parsed.append(entry)
+    self._entries, _ = records.split_by_image_size(
         parsed, bad, where=lambda e: e["xml"], annotation_kind="XML")
-    num_bad_objects += sum(len(entry["labels"]) for entry in rejected)
-    self.skipped = {"images": len(ids) - len(self._entries), "total_images": len(ids),
-                    "annotations": num_bad_objects, "total_annotations": num_objects}
-    if bad.messages:
-      logging.warning(
-          "%s: skipped %d of %d objects, %d of %d images (config.data.bad_records='skip')",
-          self.root, num_bad_objects, num_objects, self.skipped["images"], len(ids))
+    num_kept_objects = sum(len(entry["labels"]) for entry in self._entries)
+    self.skipped = {"bad_entries": len(bad.messages),
+                    "images": len(ids) - len(self._entries), "total_images": len(ids),
+                    "annotations": num_objects - num_kept_objects, "total_annotations": num_objects}
+    bad.log_summary(self.root, self.skipped, unit="objects")
 
   def __len__(self) -> int:
     return len(self._entries)
@@ -70,7 +68,8 @@ class VocXmlSource:
     except ValueError as e:
       if self.bad_records == "raise":
         raise ValueError(f"{e}; replace the file or set config.data.bad_records='skip'") from e
-      logging.warning("%s; image dropped (config.data.bad_records='skip')", e)
+      records.warn_once(entry["path"], f"{e}; image dropped (config.data.bad_records='skip'; "
+                        "reported once per process)")
       return None
     return self._record(entry, image)
 
@@ -84,51 +83,59 @@ class VocXmlSource:
                                difficult=entry["difficult"], image_id=entry["image_id"],
                                file=entry["path"])
 
-  def _parse(self, xml_path: str, file_id: str, bad: records.BadEntries) -> dict | None:
-    """One annotation file -> entry dict, or None if the whole image is bad."""
+  def _parse(self, xml_path: str, file_id: str,
+             bad: records.BadEntries) -> tuple[dict | None, int]:
+    """One annotation file -> (entry dict, or None if the image is dropped; its object count).
+
+    Every bad object is reported; one is enough to drop the image.
+    """
     try:
       root = ET.parse(xml_path).getroot()
+      objects = root.findall("object")
       width = int(float(root.findtext("size/width")))
       height = int(float(root.findtext("size/height")))
     except (OSError, ET.ParseError, TypeError, ValueError) as e:
       bad.report(f"{xml_path}: cannot read the annotation ({type(e).__name__}: {e})")
-      return None
+      return None, 0
     if width <= 0 or height <= 0:
       bad.report(f"{xml_path}: image size {width}x{height} must be positive")
-      return None
-    boxes, labels, difficult = [], [], []
-    objects = root.findall("object")
+      return None, len(objects)
+    boxes, labels, difficult, problems = [], [], [], []
     for k, obj in enumerate(objects):
       where = f"{xml_path}: object {k}"
       name = (obj.findtext("name") or "").strip()
       if name not in self.class_names:
-        bad.report(f"{where}: unknown class {name!r}; classes: {self.class_names}")
+        problems.append(f"{where}: unknown class {name!r}; classes: {self.class_names}")
         continue
       try:
         x0, y0, x1, y1 = (float(obj.findtext(f"bndbox/{t}"))
                           for t in ("xmin", "ymin", "xmax", "ymax"))
       except (TypeError, ValueError):
-        bad.report(f"{where}: bndbox needs numeric xmin, ymin, xmax, ymax")
+        problems.append(f"{where}: bndbox needs numeric xmin, ymin, xmax, ymax")
         continue
       x0, y0 = x0 - 1, y0 - 1  # 1-based inclusive pixels -> continuous 0-based edges
       if x1 <= x0 or y1 <= y0:
-        bad.report(f"{where}: bndbox {[x0 + 1, y0 + 1, x1, y1]} has zero or negative size")
+        problems.append(f"{where}: bndbox {[x0 + 1, y0 + 1, x1, y1]} has zero or negative size")
         continue
       tol = _BOX_TOLERANCE_PX
       if x0 < -tol or y0 < -tol or x1 > width + tol or y1 > height + tol:
-        bad.report(f"{where}: bndbox {[x0 + 1, y0 + 1, x1, y1]} lies outside the "
-                   f"{width}x{height} image by more than {tol:g} pixel")
+        problems.append(f"{where}: bndbox {[x0 + 1, y0 + 1, x1, y1]} lies outside the "
+                        f"{width}x{height} image by more than {tol:g} pixel")
         continue
       boxes.append([max(x0, 0) / width, max(y0, 0) / height,
                     min(x1, width) / width, min(y1, height) / height])
       labels.append(self.class_names.index(name) + 1)
       difficult.append((obj.findtext("difficult") or "0").strip() == "1")
+    for problem in problems:
+      bad.report(problem, dropped=f"image {file_id} dropped with all its objects")
+    if problems:
+      return None, len(objects)
     filename = root.findtext("filename") or f"{file_id}.jpg"
     return {"xml": xml_path, "path": os.path.join(self.root, "JPEGImages", filename.strip()),
             "image_id": records.image_id_from_name(file_id, 0), "height": height,
             "width": width, "boxes": np.array(boxes, np.float32).reshape(-1, 4),
-            "labels": np.array(labels, np.int32), "difficult": np.array(difficult, bool),
-            "num_objects": len(objects), "num_bad_objects": len(objects) - len(labels)}
+            "labels": np.array(labels, np.int32),
+            "difficult": np.array(difficult, bool)}, len(objects)
 
   def __repr__(self) -> str:
     return f"VocXmlSource({self.root!r}, {len(self)} images)"
