@@ -89,13 +89,14 @@ def _flags_parser(argv: Sequence[str]) -> list[str]:
     _fail(e)
 
 
-def _fail(error: BaseException):
+def _fail(error: BaseException, status: int = 2):
   print(f"error: {error}", file=sys.stderr)
-  sys.exit(2)
+  sys.exit(status)
 
 
 def run(main: Callable[[list[str]], None], argv: Sequence[str] | None = None) -> None:
-  """``absl.app.run(main)`` with ``--config`` parsing and :class:`UserError` as one line."""
+  """``absl.app.run(main)`` with ``--config`` parsing; a :class:`UserError` (status 2) or a
+  diverged run's ``FloatingPointError`` (status 1) is printed as one line."""
 
   def guarded(args):
     try:
@@ -104,5 +105,7 @@ def run(main: Callable[[list[str]], None], argv: Sequence[str] | None = None) ->
       _fail(e)
     except app.UsageError as e:
       _fail(e)
+    except FloatingPointError as e:  # a diverged run: the message names the step and the fix
+      _fail(e, status=1)
 
   app.run(guarded, argv=list(argv) if argv is not None else None, flags_parser=_flags_parser)

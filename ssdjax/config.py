@@ -226,8 +226,9 @@ SCHEMA: dict[str, Any] = {
                       _numbers(3)),
         "std_rgb": F((1.0, 1.0, 1.0), "pixel std divided by after the mean (Caffe SSD: 1)",
                      _positive_numbers(3)),
-        "bad_records": F("raise", "'raise' stops at the first bad record; 'skip' drops it, "
-                         "counts it and goes on", _one_of("raise", "skip")),
+        "bad_records": F("raise", "'raise' stops at the first bad record; 'skip' drops the "
+                         "whole image with a bad annotation (or a damaged image file), logs and "
+                         "counts it, and goes on", _one_of("raise", "skip")),
         "num_workers": F(2, "input worker processes (0 = in the main process)", _at_least(0)),
         "synthetic": {
             "num_train": F(2000, "synthetic: images in the train split", _at_least(1)),
@@ -283,6 +284,12 @@ SCHEMA: dict[str, Any] = {
         "checkpoint_every": F(5_000, "steps between checkpoints; 0 = only at the end",
                               _at_least(0)),
         "keep_checkpoints": F(3, "checkpoints kept (the newest)", _at_least(1)),
+        "on_nonfinite": F("stop", "a step whose loss, gradients, updated parameters or "
+                          "optimizer state hold NaN/inf is never applied; 'stop' ends the run "
+                          "naming the step, 'skip' goes on without it (up to max_skipped_steps)",
+                          _one_of("stop", "skip")),
+        "max_skipped_steps": F(10, "on_nonfinite='skip': the run stops when more steps than "
+                               "this were skipped", _at_least(0)),
     },
     "eval": {
         "batch_size": F(32, "evaluation batch", _at_least(1)),

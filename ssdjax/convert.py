@@ -277,6 +277,7 @@ def write_workdir(config, params: Mapping[str, Any], workdir: str) -> int:
   """
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
 
+  from ssdjax import checkpoints  # pylint: disable=g-import-not-at-top
   from ssdjax import train  # pylint: disable=g-import-not-at-top
 
   _check_no_checkpoints(workdir)
@@ -295,10 +296,9 @@ def write_workdir(config, params: Mapping[str, Any], workdir: str) -> int:
       lambda old, new: jax.device_put(np.asarray(new, old.dtype), old.sharding),
       state["params"], dict(params))
   train.write_run_records(config, workdir, trainer.anchors)
-  mngr = train.checkpoint_manager(workdir, config.train.keep_checkpoints)
+  mngr = checkpoints.manager(workdir, config.train.keep_checkpoints)
   try:
-    mngr.save(0, args=ocp.args.Composite(state=ocp.args.StandardSave(state)))
-    mngr.wait_until_finished()
+    checkpoints.save(mngr, 0, {"state": ocp.args.StandardSave(state)}, state=state)
   finally:
     mngr.close()
   return sum(int(np.size(x)) for x in jax.tree.leaves(params))

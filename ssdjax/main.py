@@ -8,8 +8,11 @@ r"""Trains and evaluates an experiment config.
 Any config field can be overridden with ``--config.<field>=<value>``; an unknown field, a value of
 the wrong type or a missing config file is an error of one line. ``--print_config`` lists every
 field with its value and meaning. Rerunning the same command resumes from the workdir's latest
-checkpoint. ``--mode=eval`` evaluates the latest checkpoint of ``--workdir`` with the config it
-was trained with (overrides of ``eval.*`` and ``data.*`` fields apply, e.g. another eval split).
+checkpoint; a changed config is refused (naming the fields) unless only the length and cadence
+of the run changed or ``--allow_config_change`` is given. SIGINT/SIGTERM (Ctrl-C) save a
+checkpoint at the current step and exit. ``--mode=eval`` evaluates the latest checkpoint of
+``--workdir`` with the config it was trained with (overrides of ``eval.*`` and ``data.*`` fields
+apply, e.g. another eval split).
 """
 
 import json
@@ -23,6 +26,10 @@ from ssdjax.errors import UserError
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and records.")
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"], "train (and evaluate) or eval only.")
+_ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
+    "allow_config_change", False, "Resume a workdir although training fields of the config "
+    "changed (learning rate, data, loss, ...); the change is recorded in config_changes.jsonl. "
+    "A changed model is never resumed.")
 _PRINT_CONFIG = flags.DEFINE_bool("print_config", False,
                                   "Print every config field with its value and meaning, then exit.")
 
@@ -54,7 +61,8 @@ def main(argv):
   else:
     if config is None:
       raise UserError("--config is required for --mode=train")
-    metrics = train.train_and_evaluate(config, workdir)
+    metrics = train.train_and_evaluate(config, workdir,
+                                       allow_config_change=_ALLOW_CONFIG_CHANGE.value)
   headline = {k: round(v, 4) for k, v in metrics.items() if "/AP/" not in k}
   print(json.dumps(headline, indent=2, sort_keys=True))
 

@@ -17,7 +17,9 @@ import itertools
 import json
 import logging as std_logging
 import os
+import signal
 import subprocess
+import threading
 import time
 
 from absl import logging
@@ -31,6 +33,7 @@ import orbax.checkpoint as ocp
 
 import ssdjax
 from ssdjax import anchors as anchors_lib
+from ssdjax import checkpoints
 from ssdjax import config as config_lib
 from ssdjax import evaluation
 from ssdjax import losses
@@ -79,19 +82,9 @@ def _git_commit() -> str | None:
 def write_run_records(config: ml_collections.ConfigDict, workdir: str, anchors: np.ndarray) -> None:
   """Saves the exact config, anchors and code version next to the checkpoints."""
   os.makedirs(workdir, exist_ok=True)
-  path = os.path.join(workdir, "config.json")
-  new = config.to_json_best_effort(indent=2, sort_keys=True)
-  if os.path.exists(path):
-    with open(path) as f:
-      old = f.read()
-    if old != new:
-      # A resumed run with a changed config is allowed (e.g. more steps) but never silent.
-      logging.warning("config differs from the one saved in %s; the old one is kept as config.prev.json",
-                      path)
-      with open(os.path.join(workdir, "config.prev.json"), "w") as f:
-        f.write(old)
-  with open(path, "w") as f:
-    f.write(new)
+  # A changed config was checked (checkpoints.check_resume) and recorded before this.
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
   np.save(os.path.join(workdir, "anchors.npy"), anchors)
   with open(os.path.join(workdir, "version.json"), "w") as f:
     json.dump({"ssdjax": ssdjax.__version__, "git_commit": _git_commit(), "jax": jax.__version__,
@@ -217,14 +210,17 @@ def make_train_step(config, model, tx, anchors):
     (loss, (aux, new_vars)), grads = jax.value_and_grad(objective, has_aux=True)(state["params"])
     updates, opt = tx.update(grads, state["opt"], state["params"])
     params = optax.apply_updates(state["params"], updates)
+    batch_stats = new_vars.get("batch_stats", {})
     grad_norm = optax.tree.norm(grads)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    # A non-finite step leaves params, optimizer and batch stats as they were, so nothing
-    # non-finite can ever reach a checkpoint; the host stops the run when it sees the counter.
+    # A finite loss and gradient can still overflow in the update (a huge learning rate), so the
+    # result is checked too. A non-finite step leaves params, optimizer and batch stats as they
+    # were, so nothing non-finite can reach a checkpoint; the host acts on the counter.
+    finite = (jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+              & checkpoints.tree_finite((params, opt, batch_stats)))
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
     new_state = {
         "params": keep(params, state["params"]),
-        "batch_stats": keep(new_vars.get("batch_stats", {}), state["batch_stats"]),
+        "batch_stats": keep(batch_stats, state["batch_stats"]),
         "opt": keep(opt, state["opt"]),
         "step": state["step"] + 1,
         "nonfinite": state["nonfinite"] + (~finite).astype(jnp.int32),
@@ -305,21 +301,23 @@ class Trainer:
 # ----------------------------------------------------------------------------------------------
 # Checkpoints.
 # ----------------------------------------------------------------------------------------------
-def checkpoint_manager(workdir: str, keep: int, *, read_only: bool = False) -> ocp.CheckpointManager:
-  policy = ocp.checkpoint_managers.preservation_policy.LatestN(keep)
-  options = ocp.CheckpointManagerOptions(preservation_policy=policy, create=not read_only,
-                                         read_only=read_only)
-  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"), options=options)
+def check_nonfinite(state, config, where: str) -> int:
+  """The number of skipped (non-finite) steps so far; raises when the run must stop.
 
-
-def _check_finite(state, where: str) -> None:
+  ``train.on_nonfinite="stop"`` stops at the first such step, ``"skip"`` once more than
+  ``train.max_skipped_steps`` were skipped. The state never holds their updates.
+  """
   n = int(jax.device_get(state["nonfinite"]))
-  if n:
-    first = int(jax.device_get(state["first_nonfinite"]))
+  limit = 0 if config.train.on_nonfinite == "stop" else config.train.max_skipped_steps
+  if n > limit:
+    first = int(jax.device_get(state["first_nonfinite"])) + 1
     raise FloatingPointError(
-        f"{where}: the loss or gradients were NaN/inf at step {first} ({n} step(s) in all); those "
-        "updates were not applied and nothing non-finite was checkpointed. Lower "
-        "config.optimizer.learning_rate, set config.optimizer.grad_clip_norm, or check the data.")
+        f"{where}: step {first} had a NaN/inf loss, gradient or update ({n} such step(s) in "
+        f"all, config.train.on_nonfinite={config.train.on_nonfinite!r}, max_skipped_steps="
+        f"{config.train.max_skipped_steps}); those updates were not applied and nothing "
+        "non-finite was checkpointed. Lower config.optimizer.learning_rate, set "
+        "config.optimizer.warmup_steps or config.optimizer.grad_clip_norm, or check the data.")
+  return n
 
 
 def restore_for_inference(workdir: str, step: int | None = None, *, config=None):
@@ -329,12 +327,21 @@ def restore_for_inference(workdir: str, step: int | None = None, *, config=None)
   """
   config = load_config(workdir) if config is None else config
   trainer = Trainer(config, mesh=make_mesh())
-  mngr = checkpoint_manager(workdir, config.train.keep_checkpoints, read_only=True)
-  step = mngr.latest_step() if step is None else step
-  if step is None:
-    raise FileNotFoundError(f"no checkpoint in {os.path.join(workdir, 'checkpoints')}")
-  restored = mngr.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(trainer.restore_target())))
+  mngr = checkpoints.manager(workdir, config.train.keep_checkpoints, read_only=True)
+  try:
+    if not mngr.all_steps():
+      raise UserError(f"no checkpoint in {os.path.join(workdir, 'checkpoints')}")
+    if step is not None and step not in mngr.all_steps():
+      raise UserError(f"no checkpoint of step {step} in {os.path.join(workdir, 'checkpoints')}; "
+                      f"there are steps {list(mngr.all_steps())}")
+    args = ocp.args.Composite(state=ocp.args.StandardRestore(trainer.restore_target()))
+    # Read-only: a damaged checkpoint is reported and skipped, not moved.
+    restored, step = checkpoints.restore_newest_good(
+        mngr, lambda s: mngr.restore(s, args=args), move_bad=False, step=step)
+    if restored is None:
+      raise UserError(f"no checkpoint in {os.path.join(workdir, 'checkpoints')} is intact")
+  finally:
+    mngr.close()
   return config, trainer, trainer.variables(restored["state"]), step
 
 
@@ -443,9 +450,67 @@ def _format_eta(seconds: float) -> str:
 # ----------------------------------------------------------------------------------------------
 # The loop.
 # ----------------------------------------------------------------------------------------------
+class _StopSignals:
+  """Catches SIGINT and SIGTERM during training: the loop saves at the current step and exits."""
+
+  def __init__(self):
+    self.signum = None
+    self._old = {}
+    if threading.current_thread() is not threading.main_thread():
+      return  # signal handlers can only be set from the main thread
+    for sig in (signal.SIGINT, signal.SIGTERM):
+      self._old[sig] = signal.signal(sig, self._handle)
+
+  def _handle(self, signum, frame):
+    del frame
+    if self.signum is not None:  # a second signal: stop now, as without the handler
+      self.restore()
+      raise KeyboardInterrupt
+    self.signum = signum
+    logging.warning("%s received: saving a checkpoint at the current step, then exiting (send it "
+                    "again to stop without saving)", signal.Signals(signum).name)
+
+  def restore(self):
+    for sig, old in self._old.items():
+      signal.signal(sig, old)
+    self._old = {}
+
+
+def _save_and_exit(save, step: int, signum: int):
+  save(step)
+  name = signal.Signals(signum).name
+  logging.warning("%s: checkpoint at step %d saved; rerun the same command to resume", name, step)
+  raise SystemExit(128 + signum)
+
+
+def _resume_changes(config, workdir: str, allow_change: bool) -> dict:
+  """The fields that differ from the workdir's recorded config (see checkpoints.check_resume)."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    return {}
+  saved = config_lib.to_dict(load_config(workdir))
+  new = json.loads(config.to_json_best_effort())
+  saved = json.loads(json.dumps(saved))  # tuples -> lists, as recorded
+  ckpt = os.path.join(workdir, "checkpoints")
+  steps = [d for d in (os.listdir(ckpt) if os.path.isdir(ckpt) else []) if d.isdigit()]
+  if not steps:
+    return checkpoints.config_diff(saved, new)  # nothing to resume: the new config starts afresh
+  trained = any(os.path.isdir(os.path.join(ckpt, d, "data")) for d in steps)
+  diff = checkpoints.check_resume(saved, new, trained=trained, allow_change=allow_change)
+  if diff:
+    logging.warning("resuming with changed fields (recorded in config_changes.jsonl): %s",
+                    "; ".join(f"{k}: {o!r} -> {n!r}" for k, (o, n) in diff.items()))
+  return diff
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
-                       progress: bool = True) -> dict[str, float]:
+                       progress: bool = True, allow_config_change: bool = False
+                       ) -> dict[str, float]:
   """Trains ``config`` in ``workdir`` (resuming from its latest checkpoint) and evaluates it.
+
+  Resuming refuses a config whose training fields differ from the recorded one unless
+  ``allow_config_change`` (a changed model is always refused); SIGINT/SIGTERM save a checkpoint
+  at the current step and exit with status 128 + the signal number.
 
   Returns the final evaluation metrics (plus ``train/loss`` of the last logged interval).
   """
@@ -455,8 +520,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   if not any(isinstance(f, _QuietCheckpointLogs) for f in handler.filters):
     handler.addFilter(_QuietCheckpointLogs())
 
-  # --- Config: validated and resolved (class names from the data) before anything is written.
+  # --- Config: validated and resolved (class names from the data) before anything is written,
+  # and compared with the workdir's own when resuming.
   config = prepare_config(config)
+  changes = _resume_changes(config, workdir, allow_config_change)
 
   # --- Mesh, model, optimizer, compiled steps.
   trainer = Trainer(config)
@@ -470,22 +537,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   train_iter = data.make_train_iterator(config, seed=config.seed, process_index=jax.process_index(),
                                         process_count=jax.process_count())
 
-  # --- State: fresh or restored (params, optimizer, step and the input position).
-  mngr = checkpoint_manager(workdir, config.train.keep_checkpoints)
-  start = mngr.latest_step()
-  if start is None:
-    state = trainer.init_state(config.seed)
-    start = 0
-  else:
+  # --- State: fresh or restored (params, optimizer, step and the input position) from the
+  # newest checkpoint that verifies; damaged ones are moved to checkpoints_bad/.
+  mngr = checkpoints.manager(workdir, config.train.keep_checkpoints)
+
+  def restore(step_now):
     import grain  # pylint: disable=g-import-not-at-top
     items = {"state": ocp.args.StandardRestore(trainer.restore_target())}
     # A checkpoint written outside this loop (ssdjax.convert) has no input position: start the
     # input from the beginning.
-    if "data" in mngr.item_metadata(start):
+    if "data" in mngr.item_metadata(step_now):
       items["data"] = grain.checkpoint.CheckpointRestore(train_iter)
-    restored = mngr.restore(start, args=ocp.args.Composite(**items))
+    return mngr.restore(step_now, args=ocp.args.Composite(**items))
+
+  restored, start = checkpoints.restore_newest_good(mngr, restore, move_bad=True)
+  if restored is None:
+    state = trainer.init_state(config.seed)
+    start = 0
+  else:
     state = restored["state"]
-    logging.info("resumed from %s at step %d", mngr.directory, start)
+    logging.info("resumed from %s at step %d", checkpoints.step_dir(mngr, start), start)
+  if main_process:
+    checkpoints.record_changes(workdir, start, changes)
   n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
   logging.info("model %s/%s: %s parameters", config.model.backbone, config.model.head, f"{n_params:,}")
 
@@ -497,11 +570,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     bar = tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True,
                mininterval=1.0, disable=None)
 
+  saved_at = [start]
+
   def save(step_now: int) -> None:
-    _check_finite(state, f"checkpoint at step {step_now}")
     import grain  # pylint: disable=g-import-not-at-top
-    mngr.save(step_now, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(train_iter)))
+    check_nonfinite(state, config, f"checkpoint at step {step_now}")
+    if saved_at[0] != step_now:
+      checkpoints.save(mngr, step_now, {"state": ocp.args.StandardSave(state),
+                                        "data": grain.checkpoint.CheckpointSave(train_iter)},
+                       state=state)
+      saved_at[0] = step_now
 
   def run_eval(step_now: int) -> dict[str, float]:
     t0 = time.perf_counter()
@@ -516,8 +594,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   pending: list[dict] = []
   t_log, steps_since = time.perf_counter(), 0
   t_start, start_step = time.perf_counter(), start
+  stop = _StopSignals()
   try:
     for step in range(start, total):
+      if stop.signum is not None:
+        _save_and_exit(save, step, stop.signum)
       batch = trainer.to_device(next(train_iter))
       state, metrics = trainer.train_step(state, batch)
       pending.append(metrics)
@@ -527,10 +608,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         bar.update(1)
       if _due(done, config.train.log_every) or done == total:
         host = jax.device_get(pending)
-        _check_finite(state, f"step {done}")
+        skipped = check_nonfinite(state, config, f"step {done}")
         elapsed = time.perf_counter() - t_log
         scalars = {f"train/{k}": float(np.mean([m[k] for m in host])) for k in host[0]}
         scalars["train/images_per_sec"] = steps_since * config.train.batch_size / elapsed
+        scalars["train/skipped_steps"] = skipped
         writer.write(done, scalars)
         eta = (time.perf_counter() - t_start) / (done - start_step) * (total - done)
         parts = " ".join(f"{k[len('train/loss_'):]} {v:.4g}" for k, v in scalars.items()
@@ -540,6 +622,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                f"{_format_eta(eta)}")
         if bar is not None:
           bar.set_postfix_str(f"loss {scalars['train/loss']:.3f}", refresh=False)
+        if skipped:
+          msg += f" ({skipped} non-finite step(s) skipped)"
         logging.info(msg)
         final["train/loss"] = scalars["train/loss"]
         pending, t_log, steps_since = [], time.perf_counter(), 0
@@ -547,11 +631,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         save(done)
       if _due(done, config.train.eval_every) and done != total:
         run_eval(done)
+    if stop.signum is not None:
+      _save_and_exit(save, total, stop.signum)
     if bar is not None:
       bar.close()
-    mngr.wait_until_finished()
     final.update(run_eval(total))
   finally:
+    stop.restore()
     mngr.wait_until_finished()
     mngr.close()
     writer.close()

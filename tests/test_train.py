@@ -80,8 +80,8 @@ def test_nonfinite_step_is_not_applied_and_is_reported():
   assert not np.isfinite(float(metrics["loss"]))
   assert int(state["nonfinite"]) == 1 and int(state["first_nonfinite"]) == 0
   chex.assert_trees_all_equal(jax.device_get(state["params"]), params_before)
-  with pytest.raises(FloatingPointError, match="step 0"):
-    train._check_finite(state, "test")  # pylint: disable=protected-access
+  with pytest.raises(FloatingPointError, match="step 1 had a NaN"):
+    train.check_nonfinite(state, config, "test")
 
 
 def test_train_step_is_compiled_once():
