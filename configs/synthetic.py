@@ -30,6 +30,7 @@ def get_config():
   # learns them fastest without those two; crops and flips stay (see BENCHMARKS.md for the effect).
   c.augment.expand = False
   c.augment.photometric = False
+  c.augment.canvas_size = 128  # the images are 128x128: a larger canvas would only move zeros
   c.optimizer.name = "adam"
   c.optimizer.learning_rate = 3e-3
   c.optimizer.weight_decay = 0.0

@@ -248,6 +248,13 @@ SCHEMA: dict[str, Any] = {
         },
     },
     "augment": {
+        "on_device": F(None, "where the training augmentation runs: True = on the accelerator, "
+                       "inside the jitted step (ssdjax.augment; the host only decodes and fits "
+                       "each image into the canvas, batches travel as uint8), False = on the host "
+                       "(input workers); None = True on GPU/TPU, False on CPU (recorded resolved "
+                       "in the workdir)", type=bool),
+        "canvas_size": F(512, "on_device: side of the uint8 canvas each decoded image is fitted "
+                         "into on the host (aspect kept, never enlarged)", _at_least(1)),
         "photometric": F(True, "Caffe's brightness, contrast, saturation and hue distortion"),
         "channel_swap_prob": F(0.0, "probability of a random channel permutation",
                                _in_range(0.0, 1.0)),

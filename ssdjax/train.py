@@ -12,6 +12,7 @@ checkpoints (state + input iterator position) under ``checkpoints/``.
 
 from __future__ import annotations
 
+import collections
 import functools
 import itertools
 import json
@@ -21,6 +22,7 @@ import signal
 import subprocess
 import threading
 import time
+from typing import Callable
 
 from absl import logging
 import chex
@@ -33,6 +35,7 @@ import orbax.checkpoint as ocp
 
 import ssdjax
 from ssdjax import anchors as anchors_lib
+from ssdjax import augment
 from ssdjax import checkpoints
 from ssdjax import config as config_lib
 from ssdjax import evaluation
@@ -64,7 +67,9 @@ def prepare_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
   from ssdjax import data  # pylint: disable=g-import-not-at-top
 
   config_lib.validate(config)
-  return config_lib.parts_as_recorded(data.resolve_classes(config))
+  config = config_lib.parts_as_recorded(data.resolve_classes(config))
+  config.augment.on_device = data.augment_on_device(config)  # recorded as resolved
+  return config
 
 
 def _git_commit() -> str | None:
@@ -189,14 +194,39 @@ def make_init_fn(config, model, tx):
   return init
 
 
-def make_train_step(config, model, tx, anchors):
-  """(state, batch) -> (state, metrics): forward, matching, loss, backward, optimizer update."""
+# The augmentation keys are a stream of their own, apart from the initialisation key(seed).
+_AUGMENT_STREAM = 1
+
+
+def augment_key(seed: int, step) -> jax.Array:
+  """The key of step ``step``'s on-device augmentation; image i of the batch uses fold_in(key, i)."""
+  return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), _AUGMENT_STREAM), step)
+
+
+def make_train_step(config, model, tx, anchors, *, augment_on_device: bool = False):
+  """(state, batch) -> (state, metrics): forward, matching, loss, backward, optimizer update.
+
+  With ``augment_on_device`` the batch holds uint8 canvases (``ssdjax.data`` module docstring)
+  and the step first augments them with ``ssdjax.augment.augment_batch``, its randomness from
+  (config.seed, step, image index), so a resumed run sees the same batches.
+  """
   anchors = jnp.asarray(anchors)  # [A, 4] cxcywh
   match_kwargs = matching.from_config(config)
   loss_fn = losses.from_config(config)
   schedule = make_schedule(config)
+  switches = {k: config.augment[k] for k in (
+      "photometric", "channel_swap_prob", "expand", "expand_prob", "expand_max_ratio",
+      "random_crop", "crop_trials", "hflip")}
+
+  def augmented(step_index, batch):
+    return augment.augment_batch(
+        augment_key(config.seed, step_index), batch["images"], batch["valid_hw"], batch["gt_boxes"], batch["gt_labels"],
+        batch["gt_mask"], image_size=config.image_size, mean_rgb=tuple(config.data.mean_rgb),
+        std_rgb=tuple(config.data.std_rgb), **switches)
 
   def step(state, batch):
+    if augment_on_device:
+      batch = augmented(state["step"], batch)
     gt = (batch["gt_boxes"], batch["gt_labels"], batch["gt_mask"])
     loc_t, cls_t = matching.batch_targets(*gt, anchors, **match_kwargs)  # [B, A, 4], [B, A]
 
@@ -269,7 +299,10 @@ class Trainer:
     # One compilation for the whole run; a retrace (changed shapes or dtypes) fails loudly. chex
     # counts traces per function name and source, so each Trainer names its step apart: a second
     # Trainer in the same process (an ablation loop, a notebook) has a budget of its own.
-    step = make_train_step(config, self.model, self.tx, self.anchors)
+    from ssdjax import data  # pylint: disable=g-import-not-at-top
+    self.augment_on_device = data.augment_on_device(config)
+    step = make_train_step(config, self.model, self.tx, self.anchors,
+                           augment_on_device=self.augment_on_device)
     step.__name__ = f"train_step_{next(_TRAINER_IDS)}"
     step = chex.assert_max_traces(step, n=1)
     self.train_step = jax.jit(step, in_shardings=(self.state_sharding, self.data_sharding),
@@ -450,6 +483,34 @@ def _format_eta(seconds: float) -> str:
 # ----------------------------------------------------------------------------------------------
 # The loop.
 # ----------------------------------------------------------------------------------------------
+class DevicePrefetch:
+  """Batches put on the devices ``depth`` steps ahead, so that the transfer overlaps the step.
+
+  ``get_state()`` is the input position after the batches handed out so far (not after those
+  in flight), which is what a checkpoint records for an exact resume: JSON bytes, as
+  ``grain.checkpoint.CheckpointSave`` takes them from an iterator that is not grain's own (restore
+  into the grain iterator itself).
+  """
+
+  def __init__(self, iterator, to_device: Callable[[dict], dict], depth: int = 2):
+    self._it, self._to_device, self._depth = iterator, to_device, depth
+    self._queue: collections.deque = collections.deque()
+    self._state = iterator.get_state()
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict:
+    while len(self._queue) < self._depth:
+      batch = self._to_device(next(self._it))
+      self._queue.append((batch, self._it.get_state()))
+    batch, self._state = self._queue.popleft()
+    return batch
+
+  def get_state(self) -> bytes:
+    return json.dumps(self._state, indent=4).encode()
+
+
 class _StopSignals:
   """Catches SIGINT and SIGTERM during training: the loop saves at the current step and exits."""
 
@@ -489,6 +550,8 @@ def _resume_changes(config, workdir: str, allow_change: bool) -> dict:
   if not os.path.exists(path):
     return {}
   saved = config_lib.to_dict(load_config(workdir))
+  if saved["augment"]["on_device"] is None:  # recorded before the device path: the host's
+    saved["augment"]["on_device"] = False
   new = json.loads(config.to_json_best_effort())
   saved = json.loads(json.dumps(saved))  # tuples -> lists, as recorded
   ckpt = os.path.join(workdir, "checkpoints")
@@ -571,13 +634,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                mininterval=1.0, disable=None)
 
   saved_at = [start]
+  feed = DevicePrefetch(train_iter, trainer.to_device)
 
   def save(step_now: int) -> None:
     import grain  # pylint: disable=g-import-not-at-top
     check_nonfinite(state, config, f"checkpoint at step {step_now}")
     if saved_at[0] != step_now:
+      # The position after the batches the steps took, not after those prefetched.
       checkpoints.save(mngr, step_now, {"state": ocp.args.StandardSave(state),
-                                        "data": grain.checkpoint.CheckpointSave(train_iter)},
+                                        "data": grain.checkpoint.CheckpointSave(feed)},
                        state=state)
       saved_at[0] = step_now
 
@@ -599,8 +664,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     for step in range(start, total):
       if stop.signum is not None:
         _save_and_exit(save, step, stop.signum)
-      batch = trainer.to_device(next(train_iter))
-      state, metrics = trainer.train_step(state, batch)
+      state, metrics = trainer.train_step(state, next(feed))
       pending.append(metrics)
       steps_since += 1
       done = step + 1

@@ -15,6 +15,7 @@ Entry points: :func:`resolve_classes`, :func:`make_train_iterator`, :func:`make_
 
 from ssdjax.data.pipeline import (
     SOURCES,
+    augment_on_device,
     category_id,
     eval_ground_truth,
     make_eval_batches,
@@ -28,6 +29,7 @@ from ssdjax.data.voc_xml import load_voc_folder
 
 __all__ = [
     "SOURCES",
+    "augment_on_device",
     "category_id",
     "eval_ground_truth",
     "load_image",

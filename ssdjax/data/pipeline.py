@@ -10,10 +10,16 @@ Worker processes end when the process that started them ends, even by SIGKILL
 (:func:`_exit_with_parent`), and the shared memory that carries their batches is released before
 the process exits (:func:`release_shared_memory`).
 
+With ``config.augment.on_device`` the host only decodes and fits each image into a uint8 canvas
+(:class:`CanvasTransform`); ``ssdjax.augment`` augments the batch inside the jitted train step.
+
 Batches are dicts of NumPy arrays with static shapes (``G = config.data.max_boxes``)::
 
   train: images float32 [b, S, S, 3] normalized, gt_boxes float32 [b, G, 4] xyxy normalized,
          gt_labels int32 [b, G] (0 = padding), gt_mask bool [b, G]
+  train, augment.on_device: images uint8 [b, C, C, 3] canvases (C = augment.canvas_size),
+         valid_hw int32 [b, 2] (h, w) of each image in its canvas, gt_* as above (normalized to
+         the image)
   eval:  images float32 [b, S, S, 3], image_id int64 [b], valid bool [b] (False = padding)
 """
 
@@ -35,6 +41,7 @@ from absl import logging
 import grain
 import grain.multiprocessing
 import numpy as np
+from PIL import Image
 
 from ssdjax.data import augment, coco_json, records, synthetic, tfds_sources, voc_xml
 from ssdjax.errors import UserError
@@ -98,6 +105,48 @@ class TrainTransform:
     record = augment.augment(record, rng, self.augment, fill_rgb=self.mean_rgb)
     return {"images": _model_input(record["image"], self.image_size, self.mean_rgb, self.std_rgb),
             **pad_boxes(record, self.max_boxes)}
+
+
+class CanvasTransform:
+  """grain map: record -> on-device training element (the host part of ``augment.on_device``).
+
+  The decoded image is fitted into a ``augment.canvas_size`` square uint8 canvas at the top-left
+  (aspect kept, shrunk with PIL's bilinear filter when larger, never enlarged), with its size
+  in the canvas; boxes stay normalized to the image. No randomness: ``ssdjax.augment`` draws it
+  on the device.
+
+  Returns:
+    {"images": uint8 [C, C, 3], "valid_hw": int32 [2] (h, w), "gt_boxes", "gt_labels",
+    "gt_mask" (as :func:`pad_boxes`)}.
+  """
+
+  def __init__(self, config):
+    self.canvas = int(config.augment.canvas_size)
+    self.max_boxes = int(config.data.max_boxes)
+
+  def __call__(self, record: records.Record) -> dict[str, np.ndarray]:
+    record = records.select_boxes(record, ~(record["difficult"] | record["is_crowd"]))
+    return {**fit_canvas(record["image"], self.canvas), **pad_boxes(record, self.max_boxes)}
+
+
+def fit_canvas(image: np.ndarray, canvas: int) -> dict[str, np.ndarray]:
+  """uint8 [H, W, 3] -> {"images": uint8 [canvas, canvas, 3], "valid_hw": int32 [2]}."""
+  h, w = image.shape[:2]
+  scale = min(1.0, canvas / max(h, w))
+  if scale < 1.0:
+    h, w = max(1, round(h * scale)), max(1, round(w * scale))
+    image = np.asarray(Image.fromarray(image).resize((w, h), Image.BILINEAR))
+  out = np.zeros((canvas, canvas, 3), np.uint8)
+  out[:h, :w] = image
+  return {"images": out, "valid_hw": np.array([h, w], np.int32)}
+
+
+def augment_on_device(config) -> bool:
+  """``config.augment.on_device``, with None resolved: on the accelerator unless JAX runs on CPU."""
+  if config.augment.on_device is not None:
+    return bool(config.augment.on_device)
+  import jax  # pylint: disable=g-import-not-at-top
+  return jax.default_backend() != "cpu"
 
 
 class EvalTransform:
@@ -166,7 +215,11 @@ def make_train_iterator(config, *, seed: int, process_index: int = 0,
   if len(ds) == 0:
     raise ValueError(f"process {process_index} of {process_count} gets no training records "
                      f"({len(source)} in total)")
-  ds = ds.seed(seed).shuffle().repeat().random_map(TrainTransform(config))
+  ds = ds.seed(seed).shuffle().repeat()
+  # On the device path the augmentation's randomness comes from (seed, step, image index) in the
+  # train step; the host only decodes and fits the canvas.
+  ds = ds.map(CanvasTransform(config)) if augment_on_device(config) else ds.random_map(
+      TrainTransform(config))
   return iter(_batched(ds, global_batch // process_count, config.data.num_workers,
                        drop_remainder=True))
 
