@@ -134,5 +134,5 @@ if [[ "$DRY" != 1 && -f "$OUT/synthetic/metrics.jsonl" ]]; then
 fi
 step pytest 100 "$PY" -m pytest -q -x tests/test_train.py tests/test_postprocess.py tests/test_models.py \
   -p no:xdist
-step input_pipeline 45 "$PY" benchmarks/input_pipeline.py --workers=0,8 --runs=2
+step input_pipeline 90 "$PY" benchmarks/input_pipeline.py --train --steps=5 --workers=0,8 --runs=3
 log "total ${SECONDS}s$([[ "$DRY" == 1 ]] && echo ", at most $((DRY_USED + 10))s if every step ran to its limit")"
