@@ -32,7 +32,6 @@ import jax.numpy as jnp
 import optax
 
 from ssdjax import registry
-from ssdjax.errors import UserError
 
 
 def _check(loc_pred, logits, loc_targets, cls_targets):
@@ -187,13 +186,8 @@ def focal_loss(loc_pred, logits, loc_targets, cls_targets, *, alpha: float = 0.2
   return loc_weight * loc_term + conf_term, aux
 
 
-def _check_loss(name, fn):
-  if not callable(fn):
-    raise UserError(f"loss {name!r} must be a function fn(loc_pred, logits, loc_targets, "
-                    f"cls_targets, **kwargs) -> (loss, aux); got {fn!r}")
-
-
-REGISTRY = registry.Registry("loss", "config.loss.type", _check_loss)
+REGISTRY = registry.Registry("loss", "config.loss.type", registry.must_be_function(
+    "loss", "fn(loc_pred, logits, loc_targets, cls_targets, **kwargs) -> (loss, aux)"))
 REGISTRY.register("multibox", multibox_loss, _builtin=True)
 REGISTRY.register("focal", focal_loss, _builtin=True)
 

@@ -43,7 +43,6 @@ from jax import lax
 
 from ssdjax import boxes as box_lib
 from ssdjax import registry
-from ssdjax.errors import UserError
 
 # Caffe's MatchBBox only records overlaps above this; pairs at or below it never match.
 _MIN_OVERLAP = 1e-6
@@ -146,13 +145,8 @@ def per_gt_best(gt_boxes, gt_labels, gt_mask, anchors, *, iou_threshold: float =
   return _matched(_match_per_gt_best, gt_boxes, gt_labels, gt_mask, anchors, iou_threshold)
 
 
-def _check_matcher(name, fn):
-  if not callable(fn):
-    raise UserError(f"matcher {name!r} must be a function fn(gt_boxes, gt_labels, gt_mask, "
-                    f"anchors, **kwargs) -> (matched_idx, matched_iou); got {fn!r}")
-
-
-REGISTRY = registry.Registry("matcher", "config.matching.strategy", _check_matcher)
+REGISTRY = registry.Registry("matcher", "config.matching.strategy", registry.must_be_function(
+    "matcher", "fn(gt_boxes, gt_labels, gt_mask, anchors, **kwargs) -> (matched_idx, matched_iou)"))
 REGISTRY.register("bipartite", bipartite, _builtin=True)
 REGISTRY.register("per_gt_best", per_gt_best, _builtin=True)
 

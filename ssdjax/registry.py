@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
-from typing import Any, Callable, Iterable, TypeVar
+from typing import Any, Callable, Iterable, Sequence, TypeVar
 
 from ssdjax.errors import UserError
 
@@ -129,6 +129,28 @@ class Registry:
 
   def __iter__(self) -> Iterable[str]:
     return iter(self.names())
+
+
+def must_be_function(kind: str, contract: str) -> Callable[[str, Any], None]:
+  """A :class:`Registry` check: the part is callable (``contract`` describes its signature)."""
+
+  def check(name, obj):
+    if not callable(obj):
+      raise UserError(f"{kind} {name!r} must be a function {contract}; got {obj!r}")
+  return check
+
+
+def must_be_module(kind: str, fields: Sequence[str], hint: str) -> Callable[[str, Any], None]:
+  """A :class:`Registry` check: the part is a ``flax.linen.Module`` class with ``fields``."""
+
+  def check(name, obj):
+    import flax.linen as nn  # pylint: disable=g-import-not-at-top  (the core stays flax-free)
+    have = getattr(obj, "__dataclass_fields__", {})
+    if not (isinstance(obj, type) and issubclass(obj, nn.Module)) or any(
+        f not in have for f in fields):
+      raise UserError(f"{kind} {name!r} must be a flax.linen.Module class with the fields "
+                      f"{', '.join(fields)} ({hint}); got {obj!r}")
+  return check
 
 
 def check_kwargs(fn, kwargs: dict, *, field: str, name: str, positional: int) -> None:

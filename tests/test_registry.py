@@ -13,6 +13,13 @@ from ssdjax.models import backbones, heads
 from tests.helpers import REPO, small_config, subprocess_env
 
 
+@pytest.fixture(autouse=True)
+def _registries_restored(monkeypatch):
+  """What a test registers is gone after it: other test files see the built-in parts only."""
+  for module in (heads, backbones, losses, matching):
+    monkeypatch.setattr(module.REGISTRY, "_entries", dict(module.REGISTRY._entries))  # pylint: disable=protected-access
+
+
 def test_every_registry_has_the_same_public_interface():
   for module, builtin in ((heads, "ssd"), (backbones, "vgg16"), (losses, "multibox"),
                           (matching, "bipartite")):

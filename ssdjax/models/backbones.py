@@ -28,7 +28,6 @@ import jax
 import jax.numpy as jnp
 
 from ssdjax import registry
-from ssdjax.errors import UserError
 
 Dtype = Any
 
@@ -383,15 +382,8 @@ class Tiny(nn.Module):
 REQUIRED_FIELDS = ("num_levels", "dtype")
 
 
-def _check_backbone(name, obj):
-  fields = getattr(obj, "__dataclass_fields__", {})
-  if not (isinstance(obj, type) and issubclass(obj, nn.Module)) or any(
-      f not in fields for f in REQUIRED_FIELDS):
-    raise UserError(f"backbone {name!r} must be a flax.linen.Module class with the fields "
-                    f"{', '.join(REQUIRED_FIELDS)} (see ssdjax.models.backbones); got {obj!r}")
-
-
-REGISTRY = registry.Registry("backbone", "config.model.backbone", _check_backbone)
+REGISTRY = registry.Registry("backbone", "config.model.backbone", registry.must_be_module(
+    "backbone", REQUIRED_FIELDS, "see ssdjax.models.backbones"))
 for _name, _cls in (("vgg16", VGG16), ("resnet18", ResNet18), ("resnet34", ResNet34),
                     ("resnet50", ResNet50), ("mobilenet_v2", MobileNetV2), ("tiny", Tiny)):
   REGISTRY.register(_name, _cls, _builtin=True)

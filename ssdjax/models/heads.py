@@ -29,7 +29,6 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from ssdjax import registry
-from ssdjax.errors import UserError
 from ssdjax.models.backbones import ConvBN, xavier_uniform
 
 Dtype = Any
@@ -212,15 +211,8 @@ class SSDLiteHead(Head):
 REQUIRED_FIELDS = ("num_classes", "anchors_per_location", "dtype")
 
 
-def _check_head(name, obj):
-  fields = getattr(obj, "__dataclass_fields__", {})
-  if not (isinstance(obj, type) and issubclass(obj, nn.Module)) or any(
-      f not in fields for f in REQUIRED_FIELDS):
-    raise UserError(f"head {name!r} must be a flax.linen.Module class with the fields "
-                    f"{', '.join(REQUIRED_FIELDS)} (subclass ssdjax.models.heads.Head); got {obj!r}")
-
-
-REGISTRY = registry.Registry("head", "config.model.head", _check_head)
+REGISTRY = registry.Registry("head", "config.model.head", registry.must_be_module(
+    "head", REQUIRED_FIELDS, "subclass ssdjax.models.heads.Head"))
 for _name, _cls in (("ssd", ConvHead), ("conv1x1", Conv1x1Head), ("dense", DenseHead),
                     ("shared", SharedHead), ("ssdlite", SSDLiteHead)):
   REGISTRY.register(_name, _cls, _builtin=True)
