@@ -613,10 +613,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       items["data"] = grain.checkpoint.CheckpointRestore(train_iter)
     return mngr.restore(step_now, args=ocp.args.Composite(**items))
 
+  had_checkpoints = bool(mngr.all_steps())
   restored, start = checkpoints.restore_newest_good(mngr, restore, move_bad=True)
   if restored is None:
     state = trainer.init_state(config.seed)
     start = 0
+    if had_checkpoints:  # every one was damaged: a failed restore may have moved the input
+      getattr(train_iter, "close", lambda: None)()
+      train_iter = data.make_train_iterator(config, seed=config.seed,
+                                            process_index=jax.process_index(),
+                                            process_count=jax.process_count())
   else:
     state = restored["state"]
     logging.info("resumed from %s at step %d", checkpoints.step_dir(mngr, start), start)

@@ -209,6 +209,20 @@ def test_training_resumes_from_the_newest_good_checkpoint(three_checkpoints, tmp
   assert steps[-2:] == [3, 4]  # steps 3 and 4 were trained again after the fall-back
 
 
+def test_when_every_checkpoint_is_damaged_training_starts_afresh(three_checkpoints, tmp_path):
+  workdir = str(tmp_path / "run")
+  shutil.copytree(three_checkpoints, workdir)
+  for step in (1, 2, 3):
+    _flip_bit(os.path.join(workdir, "checkpoints", str(step)))
+  config = train.load_config(workdir)
+  config.train.num_steps = 3
+  train.train_and_evaluate(config, workdir, progress=False)
+  assert len(os.listdir(os.path.join(workdir, checkpoints.BAD_DIR))) == 3
+  # The fresh start trains exactly as the original run did: same input, same parameters.
+  chex.assert_trees_all_equal(jax.device_get(train.restore_for_inference(workdir)[2]),
+                              jax.device_get(train.restore_for_inference(three_checkpoints)[2]))
+
+
 def test_a_checkpoint_with_nonfinite_values_is_not_restored(three_checkpoints, tmp_path):
   """Intact files but NaN values (as a bit flip in an exponent can give, with checksums
   rewritten): the restored state is checked too."""
