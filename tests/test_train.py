@@ -45,7 +45,9 @@ def test_train_and_evaluate_end_to_end_and_predict(tmp_path):
   assert [r["step"] for r in train_rows] == [2, 4, 6]
   assert all(r["train/images_per_sec"] > 0 for r in train_rows)
   assert any("eval/voc07/mAP" in r for r in rows)
-  assert train.load_config(workdir).to_dict() == config.to_dict()
+  # Recorded as trained: resolved (augment.on_device from the platform), parts by import path.
+  assert train.load_config(workdir).to_dict() == train.prepare_config(config).to_dict()
+  assert train.load_config(workdir).augment.on_device is (jax.default_backend() != "cpu")
 
   # Predict on two validation images written as files.
   source = data.make_source(config, config.data.eval)
