@@ -117,9 +117,7 @@ def device_ms_per_image(args, source):
   config = voc_like_config(args.batch_size, 0, True)
   batch = next(batches(config, source))
   batch = {k: jax.device_put(v) for k, v in batch.items()}
-  switches = {k: config.augment[k] for k in (
-      "photometric", "channel_swap_prob", "expand", "expand_prob", "expand_max_ratio",
-      "random_crop", "crop_trials", "hflip")}
+  switches = {k: config.augment[k] for k in augment.SWITCHES}
   run = jax.jit(lambda key, b: augment.augment_batch(
       key, b["images"], b["valid_hw"], b["gt_boxes"], b["gt_labels"], b["gt_mask"],
       image_size=config.image_size, mean_rgb=tuple(config.data.mean_rgb),

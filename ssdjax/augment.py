@@ -125,6 +125,10 @@ class AugmentOptions:
       raise ValueError(f"AugmentOptions.crop_trials={self.crop_trials!r} must be an integer >= 1")
 
 
+# The switches of config.augment that the augmentation itself takes (augment_batch's keywords).
+SWITCHES = tuple(f.name for f in dataclasses.fields(AugmentOptions))
+
+
 class AugmentParams(NamedTuple):
   """One image's augmentation draws (a pytree of arrays; a batch has a leading B axis).
 

@@ -214,15 +214,13 @@ def make_train_step(config, model, tx, anchors, *, augment_on_device: bool = Fal
   match_kwargs = matching.from_config(config)
   loss_fn = losses.from_config(config)
   schedule = make_schedule(config)
-  switches = {k: config.augment[k] for k in (
-      "photometric", "channel_swap_prob", "expand", "expand_prob", "expand_max_ratio",
-      "random_crop", "crop_trials", "hflip")}
+  switches = {k: config.augment[k] for k in augment.SWITCHES}
 
   def augmented(step_index, batch):
     return augment.augment_batch(
-        augment_key(config.seed, step_index), batch["images"], batch["valid_hw"], batch["gt_boxes"], batch["gt_labels"],
-        batch["gt_mask"], image_size=config.image_size, mean_rgb=tuple(config.data.mean_rgb),
-        std_rgb=tuple(config.data.std_rgb), **switches)
+        augment_key(config.seed, step_index), batch["images"], batch["valid_hw"],
+        batch["gt_boxes"], batch["gt_labels"], batch["gt_mask"], image_size=config.image_size,
+        mean_rgb=tuple(config.data.mean_rgb), std_rgb=tuple(config.data.std_rgb), **switches)
 
   def step(state, batch):
     if augment_on_device:

@@ -77,9 +77,7 @@ def test_device_augmentation_changes_with_the_step_and_the_image_only():
   batch = trainer.to_device(next(data.make_train_iterator(config, seed=0)))
   key = lambda t: train.augment_key(config.seed, t)
   from ssdjax import augment  # pylint: disable=g-import-not-at-top
-  switches = {k: config.augment[k] for k in ("photometric", "channel_swap_prob", "expand",
-                                             "expand_prob", "expand_max_ratio", "random_crop",
-                                             "crop_trials", "hflip")}
+  switches = {k: config.augment[k] for k in augment.SWITCHES}
   run = jax.jit(lambda k, b: augment.augment_batch(
       k, b["images"], b["valid_hw"], b["gt_boxes"], b["gt_labels"], b["gt_mask"],
       image_size=config.image_size, mean_rgb=tuple(config.data.mean_rgb),
