@@ -210,11 +210,13 @@ def restore_newest_good(mngr: ocp.CheckpointManager, restore: Callable[[int], di
 # Resuming with a changed config.
 
 # Fields a resumed run may change: how long to train, how often to log, evaluate and save, how
-# evaluation is scored, where the data set lies. Every other field changes what is trained.
+# evaluation is scored, where the data set lies, the pretrained weights (read only by a fresh run).
+# Every other field changes what is trained.
 SAFE_TO_CHANGE = ("train.num_steps", "train.log_every", "train.eval_every",
                   "train.checkpoint_every", "train.keep_checkpoints", "eval.", "postprocess.",
-                  "data.data_dir", "data.eval")
-# Fields that define the parameters' shapes: never resumable, whatever the flag.
+                  "data.data_dir", "data.eval", "model.pretrained")
+# Fields that define the parameters' shapes or the optimizer state's layout (freezing): never
+# resumable, whatever the flag.
 MODEL_FIELDS = ("image_size", "class_names", "anchors.", "model.")
 
 
@@ -253,7 +255,8 @@ def check_resume(saved: Mapping[str, Any], new: Mapping[str, Any], *, trained: b
       ``allow_change``; the message names every such field with its old and new value.
   """
   diff = config_diff(saved, new)
-  model = {k: v for k, v in diff.items() if _matches(k, MODEL_FIELDS)}
+  model = {k: v for k, v in diff.items()
+           if _matches(k, MODEL_FIELDS) and not _matches(k, SAFE_TO_CHANGE)}
   other = {k: v for k, v in diff.items() if k not in model and not _matches(k, SAFE_TO_CHANGE)}
 
   def show(fields):

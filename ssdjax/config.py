@@ -181,6 +181,14 @@ SCHEMA: dict[str, Any] = {
         "head_kwargs": F({}, "keyword fields of the head module", free=True),
         "compute_dtype": F("float32", "'float32', or 'bfloat16' (params stay float32)",
                            _one_of("float32", "bfloat16")),
+        "pretrained": F(None, "ImageNet backbone weights a fresh run starts from: a torchvision "
+                        "classification .pth or its .npz from python -m ssdjax.pretrained "
+                        "(docs/models.md); None = random initialisation", type=str),
+        "trainable_backbone_layers": F(None, "trunk stages that train, counted from the top as "
+                                       "torchvision's trainable_backbone_layers (the rest are "
+                                       "frozen); None = all", _at_least(0), type=int),
+        "freeze_backbone_bn": F(False, "every BatchNorm of the trunk keeps its statistics and "
+                                "affine parameters (torchvision's FrozenBatchNorm2d)"),
     },
     "matching": {
         "strategy": F("bipartite", "registered matcher (ssdjax.matching.names(): bipartite = "

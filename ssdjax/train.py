@@ -39,6 +39,7 @@ from ssdjax import augment
 from ssdjax import checkpoints
 from ssdjax import config as config_lib
 from ssdjax import evaluation
+from ssdjax import freeze
 from ssdjax import losses
 from ssdjax import matching
 from ssdjax import models
@@ -231,7 +232,9 @@ def make_train_step(config, model, tx, anchors, *, augment_on_device: bool = Fal
     def objective(params):
       variables = dict(_variables(state), params=params)
       mutable = ["batch_stats"] if state["batch_stats"] else []
-      (loc, logits), new_vars = model.apply(variables, batch["images"], train=True, mutable=mutable)
+      with freeze.frozen_batchnorm(config, params):
+        (loc, logits), new_vars = model.apply(variables, batch["images"], train=True,
+                                              mutable=mutable)
       loss, aux = loss_fn(loc, logits, loc_t, cls_t)
       return loss, (aux, new_vars)
 
@@ -290,6 +293,9 @@ class Trainer:
     self.replicated = jax.NamedSharding(self.mesh, jax.P())
     self.data_sharding = jax.NamedSharding(self.mesh, jax.P("data"))
 
+    if freeze.enabled(config):  # zero updates for the frozen trunk stages (ssdjax.freeze)
+      shapes = jax.eval_shape(make_init_fn(config, self.model, optax.identity()), jax.random.key(0))
+      self.tx = freeze.wrap(self.tx, config, shapes["params"], shapes["batch_stats"])
     init = make_init_fn(config, self.model, self.tx)
     self.abstract_state = jax.eval_shape(init, jax.random.key(0))
     self.state_sharding = jax.tree.map(lambda _: self.replicated, self.abstract_state)
@@ -310,7 +316,18 @@ class Trainer:
                            out_shardings=self.data_sharding)
 
   def init_state(self, seed: int):
-    return self._init(jax.random.key(seed))
+    """A fresh state; with ``config.model.pretrained`` its backbone trunk comes from that file."""
+    state = self._init(jax.random.key(seed))
+    if self.config.model.pretrained:
+      from ssdjax import pretrained  # pylint: disable=g-import-not-at-top
+      converted = pretrained.backbone_variables(self.config, state)
+      filled, count = pretrained.fill(jax.device_get(
+          {"params": state["params"], "batch_stats": state["batch_stats"]}), converted)
+      state = dict(state, params=filled["params"], batch_stats=filled["batch_stats"])
+      state = jax.device_put(state, self.state_sharding)
+      logging.info("backbone %s: %d tensors from %s; the extra levels and the head keep their "
+                   "initialisation", self.config.model.backbone, count, self.config.model.pretrained)
+    return state
 
   def shard(self, array) -> jax.Array:
     """A process-local numpy array -> one global array split over 'data' on its first axis."""

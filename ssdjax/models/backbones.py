@@ -274,19 +274,21 @@ class InvertedResidual(nn.Module):
   features: int
   stride: int
   expand_ratio: int
+  bn_epsilon: float = 1e-3
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x, train: bool):
     cin = x.shape[-1]
+    bn = dict(_MBN, bn_epsilon=self.bn_epsilon)
     hidden = cin * self.expand_ratio
     y = x
     if self.expand_ratio != 1:
-      y = ConvBN(hidden, 1, padding=0, act=nn.relu6, dtype=self.dtype, name="expand", **_MBN)(y, train)
+      y = ConvBN(hidden, 1, padding=0, act=nn.relu6, dtype=self.dtype, name="expand", **bn)(y, train)
     expanded = y
     y = ConvBN(hidden, 3, self.stride, groups=hidden, act=nn.relu6, dtype=self.dtype, name="dw",
-               **_MBN)(y, train)
-    y = ConvBN(self.features, 1, padding=0, act=None, dtype=self.dtype, name="project", **_MBN)(y, train)
+               **bn)(y, train)
+    y = ConvBN(self.features, 1, padding=0, act=None, dtype=self.dtype, name="project", **bn)(y, train)
     if self.stride == 1 and cin == self.features:
       y = x + y
     return y, expanded
@@ -299,13 +301,16 @@ class MobileNetV2(nn.Module):
   (576 ch x width_mult) and the final 1x1 conv output (1280 ch), then SSDLite extras (1x1 to
   out/2, depthwise 3x3 stride 2, 1x1 to out; BN + ReLU6): 20, 10, 5, 3, 2, 1 at 320.
   ``first_level_stride=8`` adds the expansion of the first stride-16 block (192 ch) in front, so
-  ``valid_levels=1`` gives SSD300's 38, 19, 10, 5, 3, 1 at 300.
+  ``valid_levels=1`` gives SSD300's 38, 19, 10, 5, 3, 1 at 300. ``bn_epsilon``: SSDLite's 0.001;
+  torchvision's ImageNet ``mobilenet_v2`` weights were trained with 1e-5 (set it when starting
+  from them, ``ssdjax.pretrained``).
   """
   num_levels: int
   width_mult: float = 1.0
   first_level_stride: int = 16
   extra_channels: tuple[int, ...] = (512, 256, 256, 128)
   valid_levels: int = 0
+  bn_epsilon: float = 1e-3
   dtype: Dtype = jnp.float32
 
   # (expand ratio t, channels c, repeats n, first stride s), the MobileNetV2 paper's table 2.
@@ -319,20 +324,22 @@ class MobileNetV2(nn.Module):
                        f"got {self.first_level_stride}")
     n_trunk = 2 if self.first_level_stride == 16 else 3
     _check_levels(self.num_levels, n_trunk, None, "mobilenet_v2")
+    bn = dict(_MBN, bn_epsilon=self.bn_epsilon)
     x = ConvBN(_make_divisible(32 * self.width_mult), 3, 2, act=nn.relu6, dtype=self.dtype,
-               name="features_0", **_MBN)(x, train)
+               name="features_0", **bn)(x, train)
     feats, index, stride = [], 1, 2
     for t, c, n, s in self.SETTINGS:
       for b in range(n):
         block_stride = s if b == 0 else 1
         x, expanded = InvertedResidual(_make_divisible(c * self.width_mult), block_stride, t,
-                                       dtype=self.dtype, name=f"features_{index}")(x, train)
+                                       bn_epsilon=self.bn_epsilon, dtype=self.dtype,
+                                       name=f"features_{index}")(x, train)
         if block_stride == 2 and stride in (8, 16) and stride >= self.first_level_stride:
           feats.append(expanded)  # the block's input resolution: stride 8 or 16
         stride *= block_stride
         index += 1
     last = _make_divisible(1280 * max(1.0, self.width_mult))
-    x = ConvBN(last, 1, padding=0, act=nn.relu6, dtype=self.dtype, name=f"features_{index}", **_MBN)(
+    x = ConvBN(last, 1, padding=0, act=nn.relu6, dtype=self.dtype, name=f"features_{index}", **bn)(
         x, train)
     feats.append(x)
     num_extras = self.num_levels - n_trunk
@@ -340,13 +347,13 @@ class MobileNetV2(nn.Module):
     for i, out in enumerate(outs):
       valid = i >= num_extras - self.valid_levels
       mid = out // 2
-      x = ConvBN(mid, 1, padding=0, act=nn.relu6, dtype=self.dtype, name=f"extras_{i}_0", **_MBN)(
+      x = ConvBN(mid, 1, padding=0, act=nn.relu6, dtype=self.dtype, name=f"extras_{i}_0", **bn)(
           x, train)
       if valid:
         _check_valid_conv(x, 3, f"mobilenet_v2 extras_{i}_1")
       x = ConvBN(mid, 3, 1 if valid else 2, padding=0 if valid else _PAD1, groups=mid, act=nn.relu6,
-                 dtype=self.dtype, name=f"extras_{i}_1", **_MBN)(x, train)
-      x = ConvBN(out, 1, padding=0, act=nn.relu6, dtype=self.dtype, name=f"extras_{i}_2", **_MBN)(
+                 dtype=self.dtype, name=f"extras_{i}_1", **bn)(x, train)
+      x = ConvBN(out, 1, padding=0, act=nn.relu6, dtype=self.dtype, name=f"extras_{i}_2", **bn)(
           x, train)
       feats.append(x)
     return feats
