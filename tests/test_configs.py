@@ -20,12 +20,14 @@ CONFIG_FILES = sorted(os.path.basename(p) for p in glob.glob(os.path.join(REPO, 
                       if not p.endswith("__init__.py"))
 
 # Anchor counts published with the original models (Caffe SSD prior boxes, REFERENCE.md).
-KNOWN_ANCHORS = {"ssd300_voc.py": 8732, "ssd300_coco.py": 8732, "ssd512_voc.py": 24564}
+KNOWN_ANCHORS = {"ssd300_voc.py": 8732, "ssd300_coco.py": 8732, "ssd512_voc.py": 24564,
+                 "ssd300_resnet50.py": 8732}
 
 
 # The classes each file's data has (a run reads them from the data; here there is no data).
 DATA_CLASSES = {"ssd300_voc.py": VOC_CLASSES, "ssd512_voc.py": VOC_CLASSES,
-                "ssd300_coco.py": COCO_CLASSES, "synthetic.py": SHAPE_CLASSES}
+                "ssd300_coco.py": COCO_CLASSES, "ssd300_resnet50.py": COCO_CLASSES,
+                "synthetic.py": SHAPE_CLASSES}
 
 
 def _module(filename: str):
