@@ -173,12 +173,25 @@ def _mobilenet_v2_stages(names: Sequence[str]) -> list[tuple[str, ...]]:
   return mobilenet_stages(names, (2, 4, 7, 14))
 
 
+def _mobilenet_v3_layers(tree: Tree, kwargs) -> dict[str, tuple[str, ...]]:
+  del tree, kwargs
+  from ssdjax.models import mobilenet_v3  # pylint: disable=g-import-not-at-top
+  return mobilenet_v3.torchvision_layer_map(())
+
+
+def _mobilenet_v3_stages(names: Sequence[str]) -> list[tuple[str, ...]]:
+  del names
+  from ssdjax.models import mobilenet_v3  # pylint: disable=g-import-not-at-top
+  return mobilenet_v3.torchvision_stages()
+
+
 LAYOUTS: dict[str, Layout] = {
     "vgg16": Layout(_vgg_layers, ("classifier.",), _vgg_stages, _vgg_reduced_fc),
     "resnet18": Layout(_resnet_layers, ("layer4.", "fc."), _resnet_stages),
     "resnet34": Layout(_resnet_layers, ("layer4.", "fc."), _resnet_stages),
     "resnet50": Layout(_resnet_layers, ("layer4.", "fc."), _resnet_stages),
     "mobilenet_v2": Layout(_mobilenet_v2_layers, ("classifier.",), _mobilenet_v2_stages),
+    "mobilenet_v3_large": Layout(_mobilenet_v3_layers, ("classifier.",), _mobilenet_v3_stages),
 }
 
 
@@ -199,7 +212,8 @@ def layout(backbone: str) -> Layout:
 # ----------------------------------------------------------------------------- conversion
 
 
-def _to_numpy(value, key: str) -> np.ndarray:
+def to_numpy(value, key: str) -> np.ndarray:
+  """A torch tensor or array-like -> float32 NumPy array (bf16/fp16 tensors included)."""
   if hasattr(value, "detach"):  # a torch.Tensor, without importing torch
     value = value.detach().cpu().float().numpy()
   try:
@@ -243,7 +257,7 @@ def convert(state_dict: Mapping[str, Any], backbone: str, abstract: Mapping[str,
     ValueError: naming the key, for a missing or unused key, a wrongly shaped or non-finite tensor.
   """
   lay = layout(backbone)
-  state = {str(k): _to_numpy(v, str(k)) for k, v in state_dict.items()}
+  state = {str(k): to_numpy(v, str(k)) for k, v in state_dict.items()}
   params_abs, stats_abs = abstract.get("params", {}), abstract.get("batch_stats", {})
   out: dict[str, Tree] = {"params": {}, "batch_stats": {}}
   used: set[str] = set() if used_keys is None else used_keys
@@ -349,7 +363,7 @@ def load_state_dict(path: str, what: str = "config.model.pretrained") -> dict:
     obj = obj["model"]  # a checkpoint of torchvision's reference scripts
   if not isinstance(obj, Mapping):
     raise UserError(f"{path} holds a {type(obj).__name__}, not a state dict")
-  return {str(k): _to_numpy(v, str(k)) for k, v in obj.items()}
+  return {str(k): to_numpy(v, str(k)) for k, v in obj.items()}
 
 
 def backbone_variables(config, variables: Mapping[str, Tree]) -> dict[str, Tree]:

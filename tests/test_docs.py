@@ -102,14 +102,21 @@ def _photo(path, seed, size=(96, 128)):
   Image.fromarray(np.random.default_rng(seed).integers(0, 256, size + (3,), np.uint8)).save(path)
 
 
-def _torchvision_pth(path) -> bool:
+def _torchvision_pth(root) -> bool:
+  """Random-weight stand-ins for the torchvision checkpoints the docs name (no downloads here)."""
   try:
     import torch  # pylint: disable=g-import-not-at-top
-    from torchvision.models.detection import ssd300_vgg16  # pylint: disable=g-import-not-at-top
+    import torchvision  # pylint: disable=g-import-not-at-top
   except ImportError:
     return False
   torch.manual_seed(0)
-  torch.save(ssd300_vgg16(weights=None, weights_backbone=None, num_classes=91).state_dict(), path)
+  detection = torchvision.models.detection
+  torch.save(detection.ssd300_vgg16(weights=None, weights_backbone=None, num_classes=91).state_dict(),
+             os.path.join(root, "ssd300_vgg16_coco-b556d3b4.pth"))
+  torch.save(detection.ssdlite320_mobilenet_v3_large(weights=None, weights_backbone=None,
+                                                     num_classes=91).state_dict(),
+             os.path.join(root, "ssdlite320_mobilenet_v3_large_coco-a79551df.pth"))
+  torch.save(torchvision.models.resnet50().state_dict(), os.path.join(root, "resnet50-0676ba61.pth"))
   return True
 
 
@@ -145,7 +152,7 @@ def sandbox(tmp_path_factory):
     _photo(os.path.join(root, "more", f"m{k}.png"), 10 + k)
   for name in ("one.png", "image.jpg", "photo.jpg"):
     _photo(os.path.join(root, name), len(name))
-  has_torch = _torchvision_pth(os.path.join(root, "ssd300_vgg16_coco-b556d3b4.pth"))
+  has_torch = _torchvision_pth(root)
   env = subprocess_env(xla_flags="--xla_backend_optimization_level=0")
   env["PYTHONPATH"] = root + os.pathsep + env["PYTHONPATH"]
   env["TFDS_DATA_DIR"] = tfds_dir
@@ -184,6 +191,17 @@ def _after(path: str, sandbox) -> None:
     assert out.returncode == 0, out.stderr[-3000:]
     assert set(json.loads(out.stdout.strip().splitlines()[-1])) <= {3, 7}
     assert json.loads(out.stdout.strip().splitlines()[-1])  # detections at score >= 0 exist
+  if path == "docs/models.md" and sandbox["torch"]:
+    # The run started from the converted ImageNet trunk (the sandbox's stand-in weights).
+    code = ("import numpy as np, torch\n"
+            "w = torch.load('resnet50-0676ba61.pth')['layer3.5.conv3.weight'].numpy()\n"
+            "z = np.load('weights/resnet50_imagenet.npz')['layer3.5.conv3.weight']\n"
+            "assert np.array_equal(w, z)\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, env=sandbox["env"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    with open(os.path.join(root, "runs", "ssd300_resnet50", "config.json")) as f:
+      assert json.load(f)["model"]["pretrained"] == "weights/resnet50_imagenet.npz"
   if path == "docs/extending.md":
     with open(os.path.join(root, "runs", "custom_head", "config.json")) as f:
       assert json.load(f)["model"]["head"] == "experiments.custom_head.parts:TwoConvHead"
@@ -213,7 +231,8 @@ def test_manual_runs_as_written(path, sandbox):
       continue
     if block.lang == "bash":
       for cmd in commands(block.code):
-        if "ssd300_vgg16_coco" in cmd or "tv_ssd300" in cmd or "tv_coco80" in cmd:
+        if any(k in cmd for k in ("ssd300_vgg16_coco", "tv_ssd300", "tv_coco80", "0676ba61",
+                                  "ssdlite")):
           if not sandbox["torch"]:
             pytest.skip("torchvision is not installed (pip install -e '.[convert]')")
         _before(cmd, sandbox)

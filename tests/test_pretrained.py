@@ -132,6 +132,19 @@ def test_mobilenet_v2_feature_maps_equal_torchvision():
   assert max(rel) <= RTOL
 
 
+def test_mobilenet_v3_large_feature_maps_equal_torchvision():
+  torch.manual_seed(0)
+  net = _randomise_batchnorm(torchvision.models.mobilenet_v3_large())
+  images = _images(160)
+  ours = _ssdjax_maps("mobilenet_v3_large", net.state_dict(), images)
+  with torch.no_grad():
+    ref0 = net.features[13].block[0](net.features[:13](images))  # the C4 block's expansion
+    ref1 = net.features(images)
+  rel = [_rel(ours[0], ref0), _rel(ours[1], ref1)]
+  print(f"mobilenet_v3_large: C4 expansion relative difference {rel[0]:.2e}, last conv {rel[1]:.2e}")
+  assert max(rel) <= RTOL
+
+
 def test_bad_checkpoints_stop_with_the_key():
   state = {k: v.numpy() for k, v in torchvision.models.resnet18().state_dict().items()}
   abstract = pretrained.abstract_backbone("resnet18")
@@ -273,6 +286,8 @@ def test_stages_follow_torchvision():
   assert [len(s) for s in stages] == [2, 2, 3, 7, 4, 1]
   vgg = pretrained.layout("vgg16").stages(list(pretrained.abstract_backbone("vgg16")["params"]))
   assert vgg[0] == ("conv1_1", "conv1_2") and vgg[4] == ("conv5_1", "conv5_2", "conv5_3")
+  v3 = pretrained.layout("mobilenet_v3_large").stages([])
+  assert [len(s) for s in v3] == [2, 2, 3, 6, 3, 1]  # torchvision's stage_indices 0,2,4,7,13,16
 
 
 def test_ssd300_resnet50_in_nvidia_layout_gives_nvidia_maps():
