@@ -90,14 +90,43 @@ def hard_negative_mask(bg_loss, positive, *, neg_pos_ratio: float):
   positive = jnp.asarray(positive, bool)
   loss = jax.lax.stop_gradient(jnp.asarray(bg_loss, jnp.float32))
   loss = jnp.where(positive, -jnp.inf, loss)
-  # Rank of each anchor in descending loss order, via a double argsort (static shapes).
-  order = jnp.argsort(-loss, axis=-1, stable=True)
-  rank = jnp.argsort(order, axis=-1, stable=True)
   num_pos = positive.sum(axis=-1, keepdims=True)
   num_neg = positive.shape[-1] - num_pos
   num_keep = jnp.minimum(jnp.floor(neg_pos_ratio * num_pos.astype(jnp.float32)).astype(jnp.int32),
                          num_neg)
-  return (rank < num_keep) & ~positive
+  # The first num_keep anchors of a stable ascending sort of -loss (so NaNs come last).
+  return _first_in_order(_sort_keys(-loss), num_keep) & ~positive
+
+
+def _sort_keys(x):
+  """uint32 keys of float32 x [..., A] ordered as ``jnp.sort`` orders x: -0 == +0, NaNs last
+  (and denormals == 0 where the backend flushes them, as XLA:CPU does in its sort too)."""
+  x = jnp.where(x == 0, 0.0, x)  # -0 -> +0
+  bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
+  bits = jnp.where(jnp.isnan(x), jnp.uint32(0x7FC00000), bits)  # every NaN -> +NaN
+  # Negative floats order inversely to their bits: flip them all; set the sign bit of the rest.
+  return jnp.where(bits >> 31 == 1, ~bits, bits | jnp.uint32(0x80000000))
+
+
+def _first_in_order(keys, k):
+  """keys [..., A] uint32, k [..., 1] int32 in [0, A] -> [..., A] bool: the k smallest keys, ties
+  -> lower index; the same as ``argsort(argsort(keys, stable=True), stable=True) < k``.
+
+  Sort-free (two sorts of A per row are most of the loss's time on CPU): the k-th smallest key t
+  is found bit by bit, 32 counts over the row; then all keys below t and, in index order, as many
+  keys equal to t as are missing.
+  """
+  def bit(i, t):  # t: the k-th smallest key's bits above bit b, zeros below
+    b = jnp.uint32(1) << (31 - i).astype(jnp.uint32)
+    # Bit b of the k-th smallest key is 0 when k keys are at most t with bit b 0, the rest 1.
+    at_most = jnp.sum(keys <= (t | (b - 1)), axis=-1, keepdims=True)
+    return jnp.where(at_most >= k, t, t | b)
+
+  t = jax.lax.fori_loop(0, 32, bit, jnp.zeros(k.shape, jnp.uint32))  # [..., 1]; 0 when k = 0
+  below = keys < t
+  tie = keys == t
+  missing = k - below.sum(axis=-1, keepdims=True)
+  return below | (tie & (jnp.cumsum(tie, axis=-1) <= missing))
 
 
 def sigmoid_focal(logits, cls_targets, *, alpha: float, gamma: float):

@@ -31,10 +31,21 @@ an import path ``"package.module:Name"`` of a *matcher*, a one-image function
   on the order of the gts (torchvision lets the last-written gt win, which does). Unlike
   torchvision, a gt that overlaps no anchor at all (e.g. a zero-area box) forces nothing, instead
   of claiming anchor 0.
+
+Speed: :func:`batch_match` and :func:`batch_targets` (and so :func:`match_stats`) run a built-in
+matcher on the valid gts only. They move them to the front of each image (in slot order, so every
+tie still goes to the lower slot) and match on the first G' rows, for the smallest G' of a few
+static sizes (8, 16, 32, ... below G, and G) that holds the valid gts of every image of the batch
+(``lax.switch``, no host sync); indices map back to the G slots, so the result is exactly that on
+all G rows. The one-image functions (:func:`match`, :func:`targets`, the matchers) always use all
+G rows: under a ``jax.vmap`` a ``lax.switch`` would run every size. A matcher of your own receives
+the padded gt arrays exactly as given.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 from typing import Sequence
 
 import jax
@@ -46,55 +57,85 @@ from ssdjax import registry
 
 # Caffe's MatchBBox only records overlaps above this; pairs at or below it never match.
 _MIN_OVERLAP = 1e-6
+# The built-in matchers run on G' gt rows, for G' in _MIN_ROWS * 2**i below G, and G.
+_MIN_ROWS = 8
+
+
+def _max_argmax(x, axis: int):
+  """(jnp.max, jnp.argmax) of x along axis: argmax is the first index of the maximum, a NaN counts
+  as the maximum. Written as a max and a min over float indices because XLA:CPU's argmax (a
+  variadic reduction) is ~10x slower than either."""
+  top = jnp.max(x, axis=axis)
+  size = x.shape[axis]
+  if size > 2**24:  # float32 indices would not be exact
+    return top, jnp.argmax(x, axis=axis).astype(jnp.int32)
+  top_b = jnp.expand_dims(top, axis)
+  hit = (x == top_b) | (jnp.isnan(x) & jnp.isnan(top_b))
+  index = lax.broadcasted_iota(jnp.float32, x.shape, axis)
+  return top, jnp.min(jnp.where(hit, index, float(size)), axis=axis).astype(jnp.int32)
 
 
 def _match_bipartite(iou, valid, iou_threshold):
   """iou: [G, A] (-1 where the gt is invalid), valid: [G] -> matched_idx [A] int32."""
+  iou = lax.stop_gradient(iou)  # only indices come out (and a while_loop has no reverse mode)
   num_gt, num_anchors = iou.shape
-  k = min(num_gt, num_anchors)
-  overlap = jnp.where(iou > _MIN_OVERLAP, iou, -1.0)  # [G, A]
-  # The other gts take at most G - 1 anchors, so a gt's best free anchor is always among its k best
-  # (top_k puts lower indices first on ties): the greedy loop only needs this [G, K] slice.
-  cand_iou, cand_anchor = lax.top_k(overlap, k)  # [G, K]
-  # Exact ties go to the lower anchor, then the lower gt: the order of Caffe's loops.
-  tie_key = cand_anchor * num_gt + jnp.arange(num_gt)[:, None]  # [G, K]
+  gt = jnp.arange(num_gt)
   no_key = num_anchors * num_gt
+  # The greedy step, lazily: each gt remembers its best anchor (ties -> lower index) among those
+  # free when it last looked. Taking anchors only lowers a gt's true best, so when the best
+  # remembered pair is still free it is the best free pair; when it is taken, that gt looks again.
+  # Overlaps at or below _MIN_OVERLAP count as -1, as in Caffe.
+  def overlap(x):
+    return jnp.where(x > _MIN_OVERLAP, x, -1.0)
 
-  def body(_, state):
-    matched_idx, gt_free = state  # [A], [G]
-    anchor_free = matched_idx[cand_anchor] < 0  # [G, K]
-    cand = jnp.where(gt_free[:, None] & anchor_free, cand_iou, -1.0)  # [G, K]
+  seen_iou, seen_anchor = _max_argmax(iou, axis=1)  # [G], [G]
+
+  def pick(state):
+    _, gt_free, seen_iou, seen_anchor = state
+    cand = jnp.where(gt_free, overlap(seen_iou), -1.0)  # [G]
     best = jnp.max(cand)
-    flat = jnp.argmin(jnp.where(cand == best, tie_key, no_key))
-    g, a = flat // k, cand_anchor.reshape(-1)[flat]
-    found = best > 0
-    # Once nothing is found the state stops changing: the same as Caffe's early break.
-    matched_idx = matched_idx.at[a].set(jnp.where(found, g, matched_idx[a]).astype(jnp.int32))
-    gt_free = gt_free.at[g].set(gt_free[g] & ~found)
-    return matched_idx, gt_free
+    # Exact ties go to the lower anchor, then the lower gt: the order of Caffe's loops.
+    return best, jnp.argmin(jnp.where(cand == best, seen_anchor * num_gt + gt, no_key))
 
-  init = (jnp.full((num_anchors,), -1, jnp.int32), valid)
-  matched_idx, _ = lax.fori_loop(0, num_gt, body, init)
+  def body(state):
+    matched_idx, gt_free, seen_iou, seen_anchor = state  # [A], [G], [G], [G]
+    _, g = pick(state)
+    a = seen_anchor[g]
+    taken = matched_idx[a] >= 0
+    again_iou, again_anchor = _max_argmax(jnp.where(matched_idx >= 0, -1.0, overlap(iou[g])),
+                                          axis=0)
+    return (matched_idx.at[a].set(jnp.where(taken, matched_idx[a], g).astype(jnp.int32)),
+            gt_free.at[g].set(taken),
+            seen_iou.at[g].set(jnp.where(taken, again_iou, seen_iou[g])),
+            seen_anchor.at[g].set(jnp.where(taken, again_anchor, a)))
 
-  best_gt = jnp.argmax(iou, axis=0).astype(jnp.int32)  # [A], ties -> lower gt index
-  best_iou = jnp.max(iou, axis=0)  # [A]
+  # Until no free gt overlaps a free anchor: Caffe's early break.
+  init = (jnp.full((num_anchors,), -1, jnp.int32), valid, seen_iou, seen_anchor)
+  matched_idx = lax.while_loop(lambda state: pick(state)[0] > 0, body, init)[0]
+
+  best_iou, best_gt = _max_argmax(iou, axis=0)  # [A], [A], ties -> lower gt index
   by_threshold = (best_iou >= iou_threshold) & (best_iou > _MIN_OVERLAP)
   return jnp.where((matched_idx < 0) & by_threshold, best_gt, matched_idx)
 
 
 def _match_per_gt_best(iou, valid, iou_threshold):
   """iou: [G, A] (-1 where the gt is invalid), valid: [G] -> matched_idx [A] int32."""
-  num_anchors = iou.shape[1]
-  best_gt = jnp.argmax(iou, axis=0).astype(jnp.int32)  # [A]
-  best_iou = jnp.max(iou, axis=0)  # [A]
+  num_gt, num_anchors = iou.shape
+  best_iou, best_gt = _max_argmax(iou, axis=0)  # [A], [A]
   matched_idx = jnp.where(best_iou >= iou_threshold, best_gt, -1)  # [A]
 
-  best_anchor = jnp.argmax(iou, axis=1)  # [G], ties -> lower anchor index
-  forces = valid & (jnp.max(iou, axis=1) > 0)  # [G]
-  claims = forces[:, None] & (best_anchor[:, None] == jnp.arange(num_anchors)[None, :])  # [G, A]
-  # Among gts claiming the same anchor the one with the higher IoU wins (argmax: ties -> lower gt).
-  winner = jnp.argmax(jnp.where(claims, iou, -2.0), axis=0).astype(jnp.int32)  # [A]
-  return jnp.where(claims.any(axis=0), winner, matched_idx)
+  gt_best_iou, best_anchor = _max_argmax(iou, axis=1)  # [G], [G], ties -> lower anchor index
+  forces = valid & (gt_best_iou > 0)  # [G]
+  # Among gts claiming the same anchor the one with the higher IoU wins (ties -> lower gt index):
+  # gt g loses when another forcing gt h claims its anchor and beats it. [G, G], not [G, A].
+  gt = jnp.arange(num_gt)
+  rival = forces[None, :] & (best_anchor[None, :] == best_anchor[:, None])  # [G (g), G (h)]
+  beats = (gt_best_iou[None, :] > gt_best_iou[:, None]) | (
+      (gt_best_iou[None, :] == gt_best_iou[:, None]) & (gt[None, :] < gt[:, None]))  # [G, G]
+  wins = forces & ~(rival & beats).any(axis=1)  # [G], at most one winner per anchor
+  forced = jnp.full((num_anchors,), -1, jnp.int32).at[
+      jnp.where(wins, best_anchor, num_anchors)].set(gt.astype(jnp.int32), mode="drop")  # [A]
+  return jnp.where(forced >= 0, forced, matched_idx)
 
 
 def _check_threshold(iou_threshold):
@@ -116,18 +157,20 @@ def _check_args(gt_boxes, gt_labels, gt_mask, anchors, batched=False):
     raise ValueError(f"anchors must have shape [A, 4] (cxcywh, normalized); got {jnp.shape(anchors)}")
 
 
-def _iou_matrix(gt_boxes, gt_labels, gt_mask, anchors):
-  """IoU [G, A] of every gt with every anchor, -1 in rows of invalid gts; and valid [G]."""
-  valid = jnp.asarray(gt_mask, bool) & (jnp.asarray(gt_labels) > 0)  # [G]
-  anchors_xyxy = box_lib.cxcywh_to_xyxy(jnp.asarray(anchors, jnp.float32))  # [A, 4]
+def _valid(gt_labels, gt_mask):
+  """[..., G] bool: the gts that take part in matching."""
+  return jnp.asarray(gt_mask, bool) & (jnp.asarray(gt_labels) > 0)
+
+
+def _iou_matrix(gt_boxes, valid, anchors_xyxy):
+  """IoU [G, A] of every gt with every anchor, -1 in rows of invalid gts."""
   iou = box_lib.iou(jnp.asarray(gt_boxes, jnp.float32), anchors_xyxy)  # [G, A]
-  return jnp.where(valid[:, None], iou, -1.0), valid
+  return jnp.where(valid[:, None], iou, -1.0)
 
 
-def _matched(rule, gt_boxes, gt_labels, gt_mask, anchors, iou_threshold):
-  """(matched_idx [A], matched_iou [A]) of a rule on the [G, A] IoU matrix."""
-  _check_threshold(iou_threshold)
-  iou, valid = _iou_matrix(gt_boxes, gt_labels, gt_mask, anchors)  # [G, A], [G]
+def _matched(rule, gt_boxes, valid, anchors_xyxy, iou_threshold):
+  """(matched_idx [A] into the G rows, matched_iou [A]) of a rule; gt_boxes [G, 4], valid [G]."""
+  iou = _iou_matrix(gt_boxes, valid, anchors_xyxy)  # [G, A]
   matched_idx = rule(iou, valid, iou_threshold)  # [A]
   at_match = jnp.take_along_axis(iou, jnp.maximum(matched_idx, 0)[None, :], axis=0)[0]  # [A]
   best = jnp.max(iou, axis=0, initial=0.0)  # [A]
@@ -135,14 +178,79 @@ def _matched(rule, gt_boxes, gt_labels, gt_mask, anchors, iou_threshold):
   return matched_idx.astype(jnp.int32), matched_iou.astype(jnp.float32)
 
 
+def _matched_rows(rule, num_rows, gt_boxes, valid, anchors_xyxy, iou_threshold):
+  """:func:`_matched` on the first ``num_rows`` valid gts (all of them if there are no more).
+
+  The valid gts move to the front in slot order, so every tie-break by gt index is unchanged;
+  the rows after them are invalid ones. Indices map back to the G slots.
+  """
+  if num_rows == valid.shape[0]:
+    return _matched(rule, gt_boxes, valid, anchors_xyxy, iou_threshold)
+  slots = jnp.argsort(~valid, stable=True)[:num_rows]  # [G'], valid slots first
+  matched_idx, matched_iou = _matched(rule, gt_boxes[slots], valid[slots], anchors_xyxy,
+                                      iou_threshold)
+  matched_idx = jnp.where(matched_idx >= 0, slots[jnp.maximum(matched_idx, 0)], -1)
+  return matched_idx.astype(jnp.int32), matched_iou
+
+
+def _row_sizes(num_slots: int) -> tuple[int, ...]:
+  """The static numbers of gt rows G' the built-in matchers compile for: the last is G."""
+  sizes = [_MIN_ROWS]
+  while sizes[-1] < num_slots:
+    sizes.append(2 * sizes[-1])
+  return (*sizes[:-1], num_slots)
+
+
+def _batch_matched(rule, gt_boxes, gt_labels, gt_mask, anchors, *, iou_threshold):
+  """A built-in rule over a batch: [B, G, ...] -> ([B, A] int32, [B, A] float32), on the fewest
+  gt rows that hold every valid gt of the batch (module docstring)."""
+  _check_threshold(iou_threshold)
+  valid = _valid(gt_labels, gt_mask)  # [B, G]
+  gt_boxes = jnp.asarray(gt_boxes, jnp.float32)  # [B, G, 4]
+  anchors_xyxy = box_lib.cxcywh_to_xyxy(jnp.asarray(anchors, jnp.float32))  # [A, 4]
+
+  def run(num_rows, gt_boxes, valid):
+    one = lambda b, v: _matched_rows(rule, num_rows, b, v, anchors_xyxy, iou_threshold)
+    return jax.vmap(one)(gt_boxes, valid)
+
+  sizes = _row_sizes(valid.shape[1])
+  if len(sizes) == 1:
+    return run(sizes[0], gt_boxes, valid)
+  most = jnp.max(valid.sum(axis=1), initial=0)  # valid gts in the fullest image
+  which = jnp.sum(most > jnp.asarray(sizes[:-1]))  # the first size that holds them
+  return lax.switch(which, [functools.partial(run, n) for n in sizes], gt_boxes, valid)
+
+
+def _one_image(rule, gt_boxes, gt_labels, gt_mask, anchors, iou_threshold):
+  _check_threshold(iou_threshold)
+  anchors_xyxy = box_lib.cxcywh_to_xyxy(jnp.asarray(anchors, jnp.float32))  # [A, 4]
+  return _matched(rule, gt_boxes, _valid(gt_labels, gt_mask), anchors_xyxy, iou_threshold)
+
+
 def bipartite(gt_boxes, gt_labels, gt_mask, anchors, *, iou_threshold: float = 0.5):
   """Caffe SSD's matching (module docstring), one image; the ``"bipartite"`` matcher."""
-  return _matched(_match_bipartite, gt_boxes, gt_labels, gt_mask, anchors, iou_threshold)
+  return _one_image(_match_bipartite, gt_boxes, gt_labels, gt_mask, anchors, iou_threshold)
 
 
 def per_gt_best(gt_boxes, gt_labels, gt_mask, anchors, *, iou_threshold: float = 0.5):
   """torchvision's ``SSDMatcher`` (module docstring), one image; the ``"per_gt_best"`` matcher."""
-  return _matched(_match_per_gt_best, gt_boxes, gt_labels, gt_mask, anchors, iou_threshold)
+  return _one_image(_match_per_gt_best, gt_boxes, gt_labels, gt_mask, anchors, iou_threshold)
+
+
+# The built-in matchers and their rules on the IoU matrix (by identity: a name re-registered to
+# another function is that function).
+_RULES = ((bipartite, _match_bipartite), (per_gt_best, _match_per_gt_best))
+
+
+def _builtin_batched(strategy, kwargs):
+  """The batch form of a built-in matcher with ``kwargs`` bound; None for any other matcher."""
+  fn = get(strategy)
+  rule = next((r for f, r in _RULES if f is fn), None)
+  if rule is None:
+    return None
+  args = inspect.signature(fn).bind(None, None, None, None, **kwargs)  # TypeError as fn(**kwargs)
+  args.apply_defaults()
+  return functools.partial(_batch_matched, rule, **args.kwargs)
 
 
 REGISTRY = registry.Registry("matcher", "config.matching.strategy", registry.must_be_function(
@@ -208,13 +316,18 @@ def targets(gt_boxes, gt_labels, gt_mask, anchors, *, strategy: str = "bipartite
     cls_targets: [A] int32, the matched gt's label; 0 (background) for background anchors.
   """
   matched_idx, _ = match(gt_boxes, gt_labels, gt_mask, anchors, strategy=strategy, **kwargs)
+  return _encoded(matched_idx, gt_boxes, gt_labels, anchors, tuple(variances))
+
+
+def _encoded(matched_idx, gt_boxes, gt_labels, anchors, variances):
+  """:func:`targets` of one image from its matched_idx [A]."""
   anchors = jnp.asarray(anchors, jnp.float32)
   positive = matched_idx >= 0  # [A]
   safe_idx = jnp.maximum(matched_idx, 0)
   # Background anchors encode themselves, so padded slots (whatever they hold) never reach the log.
   matched_boxes = jnp.where(positive[:, None], jnp.asarray(gt_boxes, jnp.float32)[safe_idx],
                             box_lib.cxcywh_to_xyxy(anchors))  # [A, 4] xyxy
-  loc = box_lib.encode(matched_boxes, anchors, tuple(variances))  # [A, 4]
+  loc = box_lib.encode(matched_boxes, anchors, variances)  # [A, 4]
   loc_targets = jnp.where(positive[:, None], loc, 0.0)
   cls_targets = jnp.where(positive, jnp.asarray(gt_labels, jnp.int32)[safe_idx], 0)
   return loc_targets.astype(jnp.float32), cls_targets.astype(jnp.int32)
@@ -223,6 +336,9 @@ def targets(gt_boxes, gt_labels, gt_mask, anchors, *, strategy: str = "bipartite
 def batch_match(gt_boxes, gt_labels, gt_mask, anchors, *, strategy: str = "bipartite", **kwargs):
   """:func:`match` over a batch: gt arrays [B, G, ...], anchors [A, 4] -> ([B, A], [B, A])."""
   _check_args(gt_boxes, gt_labels, gt_mask, anchors, batched=True)
+  builtin = _builtin_batched(strategy, kwargs)
+  if builtin is not None:
+    return builtin(gt_boxes, gt_labels, gt_mask, anchors)
   fn = lambda b, l, m: match(b, l, m, anchors, strategy=strategy, **kwargs)
   return jax.vmap(fn)(gt_boxes, gt_labels, gt_mask)
 
@@ -230,9 +346,9 @@ def batch_match(gt_boxes, gt_labels, gt_mask, anchors, *, strategy: str = "bipar
 def batch_targets(gt_boxes, gt_labels, gt_mask, anchors, *, strategy: str = "bipartite",
                   variances: Sequence[float] = (0.1, 0.2), **kwargs):
   """:func:`targets` over a batch: gt arrays [B, G, ...] -> loc [B, A, 4] float32, cls [B, A] int32."""
-  _check_args(gt_boxes, gt_labels, gt_mask, anchors, batched=True)
-  fn = lambda b, l, m: targets(b, l, m, anchors, strategy=strategy, variances=variances, **kwargs)
-  return jax.vmap(fn)(gt_boxes, gt_labels, gt_mask)
+  matched_idx, _ = batch_match(gt_boxes, gt_labels, gt_mask, anchors, strategy=strategy, **kwargs)
+  encode = lambda i, b, l: _encoded(i, b, l, anchors, tuple(variances))
+  return jax.vmap(encode)(matched_idx, gt_boxes, gt_labels)
 
 
 def from_config(config) -> dict:
@@ -268,7 +384,9 @@ def match_stats(gt_boxes, gt_labels, gt_mask, anchors, *, strategy: str = "bipar
   matched_idx, _ = batch_match(gt_boxes, gt_labels, gt_mask, anchors, strategy=strategy,
                                **kwargs)  # [B, A]
   num_gt_slots = jnp.shape(gt_boxes)[1]
-  iou, valid = jax.vmap(_iou_matrix, in_axes=(0, 0, 0, None))(gt_boxes, gt_labels, gt_mask, anchors)
+  valid = _valid(gt_labels, gt_mask)  # [B, G]
+  anchors_xyxy = box_lib.cxcywh_to_xyxy(jnp.asarray(anchors, jnp.float32))  # [A, 4]
+  iou = jax.vmap(_iou_matrix, in_axes=(0, 0, None))(gt_boxes, valid, anchors_xyxy)  # [B, G, A]
   per_gt = jax.nn.one_hot(matched_idx, num_gt_slots, dtype=jnp.float32).sum(axis=1)  # [B, G]
   validf = valid.astype(jnp.float32)  # [B, G]
   num_gt = validf.sum()

@@ -139,6 +139,135 @@ def test_negative_count_is_min_of_ratio_and_available():
     np.testing.assert_array_equal(np.flatnonzero(mask[b]), np.sort(top))
 
 
+def np_mining(bg_loss, positive, neg_pos_ratio):
+  """The mining by ranks of a stable sort of -loss (NaNs last, -0 == +0); the first k kept."""
+  loss = np.where(positive, -np.inf, np.asarray(bg_loss, np.float32))
+  rank = np.empty(loss.shape, np.int64)
+  for row in np.ndindex(loss.shape[:-1]):
+    rank[row][np.argsort(-loss[row], kind="stable")] = np.arange(loss.shape[-1])
+  num_pos = positive.sum(-1, keepdims=True)
+  keep = np.minimum(np.floor(np.float32(neg_pos_ratio) * num_pos.astype(np.float32)),
+                    loss.shape[-1] - num_pos)
+  return (rank < keep) & ~positive
+
+
+def argsort_mining(keys, k):
+  """The previous ranking of losses.hard_negative_mask: a double stable argsort."""
+  return jnp.argsort(jnp.argsort(keys, axis=-1, stable=True), axis=-1, stable=True) < k
+
+
+def previous_mining(bg_loss, positive, neg_pos_ratio):
+  """losses.hard_negative_mask as it was, with two sorts."""
+  loss = jnp.where(positive, -jnp.inf, bg_loss)
+  num_pos = positive.sum(axis=-1, keepdims=True)
+  num_keep = jnp.minimum(jnp.floor(neg_pos_ratio * num_pos.astype(jnp.float32)).astype(jnp.int32),
+                         positive.shape[-1] - num_pos)
+  return argsort_mining(-loss, num_keep) & ~positive
+
+
+# Signed zeros, infinities, NaNs of both signs, the largest floats and denormals (which XLA:CPU
+# flushes to zero, so they tie with 0 in jitted code, where NumPy orders them).
+SPECIAL = np.array([0.0, -0.0, np.inf, -np.inf, np.nan, -np.nan, 3.4e38, -3.4e38, 1.0, 2.0],
+                   np.float32)
+DENORMALS = np.array([1e-45, -1e-45, 1e-39], np.float32)
+
+
+def mining_losses(rng, kind, shape):
+  """bg_loss [B, A] float32 with many exact ties, or special values."""
+  if kind == "normal":
+    loss = rng.normal(size=shape)
+  elif kind == "ties":  # a few distinct values
+    loss = rng.integers(0, 4, shape) / 4
+  elif kind == "special":
+    loss = SPECIAL[rng.integers(len(SPECIAL), size=shape)]
+  elif kind == "denormal":
+    pool = np.concatenate([SPECIAL, DENORMALS])
+    loss = pool[rng.integers(len(pool), size=shape)]
+  elif kind == "equal":
+    loss = np.full(shape, rng.choice(SPECIAL))
+  elif kind in ("zeros", "nans"):  # values that sort as equal although their bits differ
+    pool = [0.0, -0.0, 1.0] if kind == "zeros" else [np.nan, -np.nan, 1.0]
+    loss = np.array(pool, np.float32)[rng.integers(len(pool), size=shape)]
+  else:  # "ce": non-negative like a cross-entropy, half of it exactly 0
+    loss = np.abs(rng.normal(size=shape)) * (rng.uniform(size=shape) < 0.5)
+  return loss.astype(np.float32)
+
+
+MINING_KINDS = ["normal", "ties", "special", "denormal", "equal", "zeros", "nans", "ce"]
+
+
+@pytest.mark.parametrize("kind", MINING_KINDS)
+def test_mining_equals_stable_double_argsort(kind):
+  # The sort-free mining keeps exactly the anchors that the previous double stable argsort ranks
+  # first (ties -> lower index) for every input: k = 0, no or only positives, NaN, signed-zero and
+  # denormal losses; and, but for denormals, those of a NumPy stable sort.
+  rng = np.random.default_rng(12)
+  mine = jax.jit(lambda l, p, r: losses.hard_negative_mask(l, p, neg_pos_ratio=r))
+  previous = jax.jit(previous_mining)
+  for shape in ((1, 1), (2, 2), (3, 5), (2, 17), (3, 300), (1, 8732)):
+    # (positive fraction, ratio): no positives, all positives, and k strictly between 0 and the
+    # number of negatives.
+    for frac, ratio in ((0.0, 3.0), (1.0, 3.0), (0.05, 3.0), (0.2, 1.0), (0.3, 0.5), (0.1, 1e4)):
+      loss = mining_losses(rng, kind, shape)
+      positive = rng.uniform(size=shape) < frac
+      mask = np.asarray(mine(loss, positive, np.float32(ratio)))
+      msg = f"{shape} {frac} {ratio}"
+      np.testing.assert_array_equal(mask, previous(loss, positive, np.float32(ratio)), err_msg=msg)
+      if kind != "denormal":
+        np.testing.assert_array_equal(mask, np_mining(loss, positive, ratio), err_msg=msg)
+
+
+@pytest.mark.parametrize("kind", MINING_KINDS)
+def test_mining_keys_sort_as_floats(kind):
+  x = mining_losses(np.random.default_rng(14), kind, (3, 300))
+  by_keys = jax.jit(lambda x: jnp.argsort(losses._sort_keys(x), axis=-1, stable=True))
+  np.testing.assert_array_equal(by_keys(x), jnp.argsort(x, axis=-1, stable=True))
+
+
+def test_first_in_order_equals_double_argsort_for_every_k():
+  rng = np.random.default_rng(15)
+  first, by_argsort = jax.jit(losses._first_in_order), jax.jit(argsort_mining)
+  for num_anchors in (1, 2, 17, 300):
+    keys = rng.integers(0, 4, (4, num_anchors)).astype(np.uint32)
+    keys[1] = rng.integers(0, 2**32, num_anchors, dtype=np.uint64).astype(np.uint32)
+    keys[2] = 2**32 - 1  # all equal, at the top of the range
+    for k in {0, 1, num_anchors // 2, num_anchors - 1, num_anchors}:
+      k = np.full((4, 1), k, np.int32)
+      np.testing.assert_array_equal(first(keys, k), by_argsort(keys, k))
+
+
+def test_mining_with_equal_losses_keeps_the_lowest_indices():
+  positive = np.zeros((2, 10), bool)
+  positive[0, [3, 7]] = True
+  positive[1, 0] = True
+  mask = np.asarray(losses.hard_negative_mask(np.ones((2, 10)), positive, neg_pos_ratio=2.0))
+  np.testing.assert_array_equal(np.flatnonzero(mask[0]), [0, 1, 2, 4])
+  np.testing.assert_array_equal(np.flatnonzero(mask[1]), [1, 2])
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_multibox_loss_and_grads_as_with_argsort_mining(quantized, monkeypatch):
+  # Same mask as the double argsort, so the same loss, aux and gradients, bit for bit; quantized
+  # logits make many anchors' background losses exactly equal.
+  rng = np.random.default_rng(13)
+  loc_pred, logits, loc_t, cls_t = random_inputs(rng, batch=3, num_anchors=500, num_classes=6,
+                                                 pos_frac=0.03)
+  if quantized:
+    logits = np.round(logits).astype(np.float32)
+  fn = jax.jit(jax.value_and_grad(losses.multibox_loss, argnums=(0, 1), has_aux=True))
+  (loss, aux), grads = fn(loc_pred, logits, loc_t, cls_t)
+  monkeypatch.setattr(losses, "_first_in_order", argsort_mining)
+  (ref_loss, ref_aux), ref_grads = jax.jit(
+      jax.value_and_grad(losses.multibox_loss, argnums=(0, 1), has_aux=True))(
+          loc_pred, logits, loc_t, cls_t)
+  np.testing.assert_array_equal(loss, ref_loss)
+  for k in ref_aux:
+    np.testing.assert_array_equal(aux[k], ref_aux[k], err_msg=k)
+  for g, ref_g in zip(grads, ref_grads):
+    np.testing.assert_array_equal(g, ref_g)
+  assert aux["num_neg"] > 0
+
+
 def test_zero_positives_gives_zero_loss_and_finite_zero_grads():
   rng = np.random.default_rng(2)
   loc_pred, logits, loc_t, _ = random_inputs(rng)

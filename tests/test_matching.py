@@ -1,12 +1,16 @@
 """Tests for ssdjax.matching against a NumPy reference written here (Caffe / torchvision loops)."""
 
 import functools
+import json
+import subprocess
+import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests.helpers import ssd300_voc
+from tests.helpers import REPO, ssd300_voc, subprocess_env
 from ssdjax import boxes as box_lib
 from ssdjax import matching
 
@@ -232,6 +236,17 @@ def test_gt_without_overlap_gets_no_forced_match():
     np.testing.assert_array_equal(iou, [0, 0, 0])
 
 
+def test_overlaps_below_caffe_minimum_force_no_bipartite_match():
+  # IoU 2.5e-7 <= 1e-6: Caffe records no overlap, so no forced match; torchvision forces any > 0.
+  anchors = cxcywh([[0, 0, 1, 1]])
+  gt, labels, mask = np.array([[.9995, .9995, 1, 1]], np.float32), np.array([1]), np.array([True])
+  for strategy, expected in (("bipartite", [-1]), ("per_gt_best", [0])):
+    idx, _ = matching.match(gt, labels, mask, anchors, strategy=strategy)
+    np.testing.assert_array_equal(idx, expected, err_msg=strategy)
+    idx, _ = matching.batch_match(gt[None], labels[None], mask[None], anchors, strategy=strategy)
+    np.testing.assert_array_equal(idx, [expected], err_msg=strategy)
+
+
 def test_padding_never_matches():
   # The padded slot holds a box equal to a0 (IoU 1); with mask False or label 0 it must be ignored.
   gt = np.array([[0, 0, .5, .5], [.1, 0, .6, .5]], np.float32)
@@ -342,6 +357,181 @@ def test_targets_decode_back_to_matched_gt(strategy):
     g_wh = g[:, 2:] - g[:, :2]
     expected = np.concatenate([(g_c - a[:, :2]) / a[:, 2:] / 0.1, np.log(g_wh / a[:, 2:]) / 0.2], 1)
     np.testing.assert_allclose(loc[pos], expected, rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------- batch functions: valid gts only
+
+def padded_batch(rng, anchors, num_valid, num_gt_slots, grid=False):
+  """[B, G] gt with num_valid[b] valid gts at random slots of image b (ties: duplicate gts, gts
+  equal to anchors, grid boxes). The padding is interleaved and holds traps that would match if
+  used: copies of anchors and of valid boxes with a label but mask False, or mask True but label
+  0; and NaN garbage."""
+  batch = len(num_valid)
+  anchors_xyxy = np_xyxy(anchors).astype(np.float32)
+  boxes = rng.uniform(0, 1, (batch, num_gt_slots, 4)).astype(np.float32)
+  if grid:
+    lo = rng.integers(0, 12, (batch, num_gt_slots, 2))
+    boxes = (np.concatenate([lo, lo + rng.integers(1, 5, lo.shape)], -1) / 16).astype(np.float32)
+  else:
+    boxes = np.concatenate([np.minimum(boxes[..., :2], boxes[..., 2:]),
+                            np.maximum(boxes[..., :2], boxes[..., 2:])], -1)
+  copies = rng.uniform(size=(batch, num_gt_slots)) < 0.3
+  boxes[copies] = anchors_xyxy[rng.integers(len(anchors), size=copies.sum())]
+  labels = rng.integers(1, 5, (batch, num_gt_slots)).astype(np.int32)
+  mask = np.zeros((batch, num_gt_slots), bool)
+  for b, n in enumerate(num_valid):
+    slots = rng.permutation(num_gt_slots)
+    mask[b, slots[:n]] = True
+    if n:
+      boxes[b, slots[n:n + 3]] = boxes[b, slots[0]]  # padding traps holding a valid box
+      boxes[b, slots[min(n, 2) - 1]] = boxes[b, slots[0]]  # a duplicate valid gt (a tie)
+  label0 = rng.uniform(size=mask.shape) < 0.15  # mask True, label 0: padding too
+  labels[label0 & mask] = 0
+  mask |= label0
+  boxes[~mask & (rng.uniform(size=mask.shape) < 0.2)] = np.nan
+  return boxes, labels, mask
+
+
+def assert_trees_equal(got, want):
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    assert g.dtype == w.dtype and g.shape == w.shape
+    np.testing.assert_array_equal(g, w)  # bit for bit (NaN-free)
+
+
+def test_row_sizes():
+  assert matching._row_sizes(100) == (8, 16, 32, 64, 100)
+  assert matching._row_sizes(64) == (8, 16, 32, 64)
+  assert matching._row_sizes(9) == (8, 9)
+  assert matching._row_sizes(8) == (8,)
+  assert matching._row_sizes(1) == (1,)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("grid", [False, True])
+def test_batch_functions_on_valid_gts_equal_all_rows(strategy, grid):
+  # batch_match / batch_targets match on the smallest G' that holds the valid gts; the one-image
+  # functions always use all G = 100 rows: the same results, bit for bit, for batches whose
+  # fullest image picks each G' in (8, 16, 32, 64, 100); and the NumPy reference.
+  rng = np.random.default_rng(20)
+  num_gt_slots, num_anchors, batch = 100, 150, 4
+  if grid:
+    anchors = grid_case(rng, 1, num_anchors)[3]
+    thr = 0.25
+  else:
+    anchors = random_case(rng, num_anchors=num_anchors)[3]
+    thr = 0.5
+  kw = dict(strategy=strategy, iou_threshold=thr)
+  batch_fn = jax.jit(lambda b, l, m: (matching.batch_match(b, l, m, anchors, **kw),
+                                      matching.batch_targets(b, l, m, anchors, **kw)))
+  one_image = lambda b, l, m: (matching.match(b, l, m, anchors, **kw),
+                               matching.targets(b, l, m, anchors, **kw))
+  all_rows = jax.jit(jax.vmap(one_image))
+  for most in (0, 1, 8, 9, 16, 17, 40, 64, 65, 100):
+    num_valid = rng.integers(0, most + 1, batch)
+    num_valid[rng.integers(batch)] = most
+    boxes, labels, mask = padded_batch(rng, anchors, num_valid, num_gt_slots, grid)
+    got = jax.device_get(batch_fn(boxes, labels, mask))
+    assert_trees_equal(got, all_rows(boxes, labels, mask))
+    for b in np.flatnonzero(num_valid <= 9):  # the loops of the reference are slow
+      expected = REFERENCES[strategy](boxes[b], labels[b], mask[b], anchors, thr)
+      np.testing.assert_array_equal(got[0][0][b], expected, err_msg=f"{most} image {b}")
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_batch_functions_with_small_row_sizes(strategy, monkeypatch):
+  # Row sizes 1, 2, 4, G: few gt slots (G = 1 included), exact ties, more gts than anchors, no or
+  # one valid gt.
+  monkeypatch.setattr(matching, "_MIN_ROWS", 1)
+  rng = np.random.default_rng(21)
+  for num_gt_slots, num_anchors in ((1, 5), (3, 4), (6, 24), (7, 4)):
+    anchors = grid_case(rng, num_gt_slots, num_anchors)[3]
+    kw = dict(strategy=strategy, iou_threshold=0.25)
+    batch_fn = jax.jit(lambda b, l, m: (matching.batch_match(b, l, m, anchors, **kw),
+                                        matching.batch_targets(b, l, m, anchors, **kw)))
+    all_rows = jax.jit(jax.vmap(lambda b, l, m: (matching.match(b, l, m, anchors, **kw),
+                                                 matching.targets(b, l, m, anchors, **kw))))
+    for i in range(8):
+      cases = [grid_case(rng, num_gt_slots, num_anchors)[:3] for _ in range(3)]
+      boxes, labels, mask = (np.array(x) for x in stack_cases(cases))
+      mask[0] = False  # no valid gt
+      mask[1] = np.arange(num_gt_slots) == rng.integers(num_gt_slots)  # one
+      labels[2, rng.integers(num_gt_slots)] = 0  # a masked-in slot with label 0
+      got = jax.device_get(batch_fn(boxes, labels, mask))
+      assert_trees_equal(got, all_rows(boxes, labels, mask))
+      for b in range(3):
+        expected = REFERENCES[strategy](boxes[b], labels[b], mask[b], anchors, 0.25)
+        np.testing.assert_array_equal(got[0][0][b], expected, err_msg=f"{num_gt_slots} {i} {b}")
+
+
+def first_padded_slot(gt_boxes, gt_labels, gt_mask, anchors):
+  """A matcher that shows what it received: every anchor matched to the first slot with mask
+  False; as IoU, the sum of the x0 of all G slots."""
+  del gt_labels
+  num_anchors = jnp.shape(anchors)[0]
+  return (jnp.full((num_anchors,), jnp.argmin(gt_mask), jnp.int32),
+          jnp.full((num_anchors,), jnp.sum(gt_boxes[:, 0]), jnp.float32))
+
+
+def test_own_matcher_receives_the_padded_gt_as_given():
+  rng = np.random.default_rng(22)
+  anchors = random_case(rng)[3]
+  boxes, labels, mask = padded_batch(rng, anchors, [3, 0, 1], 10)
+  boxes = np.nan_to_num(boxes, nan=0.25)
+  idx, iou = jax.jit(functools.partial(matching.batch_match, anchors=anchors,
+                                       strategy="tests.test_matching:first_padded_slot"))(
+                                           boxes, labels, mask)
+  np.testing.assert_array_equal(idx, np.argmin(mask, axis=1)[:, None].repeat(len(anchors), 1))
+  np.testing.assert_allclose(iou[:, 0], boxes[:, :, 0].sum(1), rtol=1e-6)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_batch_match_under_vmap_and_grad(strategy):
+  # An outer vmap makes the size choice per batch: every size runs, the right one is kept. The
+  # matched IoU stays differentiable with respect to the gt boxes.
+  rng = np.random.default_rng(23)
+  anchors = random_case(rng)[3]
+  batches = [padded_batch(rng, anchors, n, 20) for n in ([1, 2], [20, 3])]
+  boxes, labels, mask = (np.stack(x) for x in zip(*batches))
+  fn = functools.partial(matching.batch_match, anchors=anchors, strategy=strategy)
+  outer = jax.jit(jax.vmap(fn))(boxes, labels, mask)
+  for i, batch in enumerate(batches):
+    assert_trees_equal([x[i] for x in outer], jax.jit(fn)(*batch))
+  boxes = np.nan_to_num(boxes[0], nan=0.0)
+  one_image = functools.partial(matching.match, anchors=anchors, strategy=strategy)
+  grad = jax.jit(jax.grad(lambda b: fn(b, labels[0], mask[0])[1].sum()))(boxes)
+  one = jax.jit(jax.grad(lambda b: jax.vmap(one_image)(b, labels[0], mask[0])[1].sum()))(boxes)
+  np.testing.assert_array_equal(grad, one)
+  assert np.abs(grad).sum() > 0
+
+
+_SHARDED_SCRIPT = r"""
+import json, sys
+import jax, numpy as np
+sys.path.insert(0, ".")
+from tests.test_matching import padded_batch, random_case
+from ssdjax import matching
+rng = np.random.default_rng(24)
+anchors = random_case(rng, num_anchors=60)[3]
+gt = padded_batch(rng, anchors, [3, 9, 0, 20], 32)
+out = {}
+for strategy in ("bipartite", "per_gt_best"):
+  fn = jax.jit(lambda b, l, m: matching.batch_targets(b, l, m, anchors, strategy=strategy))
+  single = jax.device_get(fn(*gt))
+  mesh = jax.make_mesh((2,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+  sharded = jax.device_put(gt, jax.NamedSharding(mesh, jax.P("data")))
+  got = fn(*sharded)
+  equal = all(bool(np.array_equal(a, b)) for a, b in zip(jax.device_get(got), single))
+  out[strategy] = dict(devices=len(got[0].sharding.device_set), equal=equal)
+print(json.dumps(out))
+"""
+
+
+def test_batch_targets_sharded_over_devices():
+  out = subprocess.run([sys.executable, "-c", _SHARDED_SCRIPT], env=subprocess_env(devices=2),
+                       cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  result = json.loads(out.stdout.strip().splitlines()[-1])
+  assert result == {s: {"devices": 2, "equal": True} for s in STRATEGIES}
 
 
 # ---------------------------------------------------------------- config, errors, stats
