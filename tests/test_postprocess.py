@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from tests.helpers import ssd300_voc
+from ssdjax import boxes as boxes_lib
 from ssdjax import postprocess
 
 # ---------------------------------------------------------------------------------------------
@@ -384,6 +385,231 @@ def test_non_finite_jit_equals_no_jit():
   np.testing.assert_allclose(jitted.scores, eager.scores, atol=1e-6)  # fusion changes the last ulp
   np.testing.assert_allclose(jitted.boxes, eager.boxes, atol=1e-6)
   assert np.all(np.isfinite(np.asarray(jitted.boxes)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Bit-identity with the dense implementation. detect gathers the candidates of an image with few
+# of them into a sparse path; reference_detect is detect's code from before that (one dense path
+# for every image), whose output every path must reproduce bit for bit.
+
+
+def _reference_greedy_keep(boxes_sorted, valid, iou_threshold: float):
+  k = boxes_sorted.shape[0]
+  overlaps = jnp.triu(boxes_lib.iou(boxes_sorted, boxes_sorted) > iou_threshold, 1)  # [K, K]
+
+  def body(i, keep):
+    return keep & ~(overlaps[i] & keep[i])  # [K]
+
+  return jax.lax.fori_loop(0, k, body, valid)
+
+
+def _reference_detect_one(loc, logits, anchors, *, score_threshold, iou_threshold, top_k,
+                          max_detections, variances):
+  num_anchors, num_classes = logits.shape
+  k = min(top_k, num_anchors)
+  decoded = boxes_lib.decode(loc, anchors, variances)  # [A, 4] xyxy, unclipped
+  box_ok = jnp.all(jnp.isfinite(decoded) & jnp.isfinite(loc), axis=-1)  # [A]
+  boxes = jnp.where(box_ok[:, None], boxes_lib.clip(decoded), 0.0)  # [A, 4] xyxy
+  probs = jax.nn.softmax(logits, axis=-1)  # [A, C]
+  fg_scores = probs[:, 1:].T  # [C-1, A]
+  fg_scores = jnp.where(box_ok[None, :] & jnp.isfinite(fg_scores), fg_scores, -jnp.inf)
+  cand_scores, cand_idx = jax.lax.top_k(fg_scores, k)  # [C-1, K], descending
+  cand_boxes = boxes[cand_idx]  # [C-1, K, 4]
+  cand_valid = cand_scores > score_threshold  # [C-1, K]
+  keep = jax.vmap(functools.partial(_reference_greedy_keep, iou_threshold=iou_threshold))(
+      cand_boxes, cand_valid)  # [C-1, K]
+  pool_scores = jnp.where(keep, cand_scores, -1.0).reshape(-1)  # [(C-1) * K]
+  pool_keep = keep.reshape(-1)
+  pool_boxes = cand_boxes.reshape(-1, 4)
+  pool_classes = jnp.repeat(jnp.arange(1, num_classes, dtype=jnp.int32), k)
+  d = min(max_detections, pool_scores.shape[0])
+  top_scores, top_idx = jax.lax.top_k(pool_scores, d)  # [d]
+  is_det = pool_keep[top_idx]  # [d], real detections first
+  pad = max_detections - d
+  det_boxes = jnp.pad(jnp.where(is_det[:, None], pool_boxes[top_idx], 0.0), ((0, pad), (0, 0)))
+  det_scores = jnp.pad(jnp.where(is_det, top_scores, 0.0), (0, pad))
+  det_classes = jnp.pad(jnp.where(is_det, pool_classes[top_idx], 0), (0, pad))
+  return postprocess.Detections(det_boxes, det_scores, det_classes,
+                                is_det.sum().astype(jnp.int32))
+
+
+@functools.partial(jax.jit, static_argnames=("score_threshold", "iou_threshold", "top_k",
+                                             "max_detections", "variances"))
+def reference_detect(loc, logits, anchors, *, variances=(0.1, 0.2), **kwargs):
+  return jax.vmap(functools.partial(_reference_detect_one, variances=variances, **kwargs),
+                  in_axes=(0, 0, None))(loc, logits, anchors)
+
+
+def assert_bitwise_equal(got, want):
+  for name, g, w in zip(postprocess.Detections._fields, got, want):
+    g, w = np.atleast_1d(np.asarray(g)), np.atleast_1d(np.asarray(w))
+    assert (g.shape, g.dtype) == (w.shape, w.dtype), name
+    np.testing.assert_array_equal(g.view(np.uint8), w.view(np.uint8), err_msg=name)
+
+
+# Image backgrounds raised by these logits: from many candidates (151 at threshold 0.2) to none.
+MIXED_BACKGROUND = (0.0, 2.5, 7.0, 1.5, 2.0, 50.0)
+
+
+def mixed_batch(seed=0, num_anchors=120, num_classes=5):
+  """Six images from many candidates to none; image 3 has exact ties, image 4 NaN and inf."""
+  loc, logits, anchors = random_problem(seed, len(MIXED_BACKGROUND), num_anchors, num_classes)
+  rng = np.random.default_rng(seed + 100)
+  logits[:, :, 0] += np.asarray(MIXED_BACKGROUND, np.float32)[:, None]
+  # Image 3: integer logits; anchors 100-109 repeat 0-9 with their offsets and logits (equal
+  # boxes and scores), anchors 60-69 the logits of 10-19 (equal scores, other boxes), and classes
+  # 1 and 2 score alike on anchors 20-39 (equal scores, same box).
+  anchors[100:110] = anchors[:10]
+  logits[3] = np.round(logits[3])
+  logits[3, 100:110] = logits[3, :10]
+  loc[3, 100:110] = loc[3, :10]
+  logits[3, 60:70] = logits[3, 10:20]
+  logits[3, 20:40, 2] = logits[3, 20:40, 1]
+  # Image 4: non-finite offsets and logits.
+  bad = rng.choice([np.nan, np.inf, -np.inf], 20)
+  loc[4, rng.choice(num_anchors, 10, replace=False), rng.integers(0, 4, 10)] = bad[:10]
+  logits[4, rng.choice(num_anchors, 10, replace=False), rng.integers(0, num_classes, 10)] = bad[10:]
+  return loc, logits, anchors
+
+
+def candidate_counts(logits, loc, score_threshold):
+  """[B] number of (anchor, class >= 1) pairs scoring above the threshold, NumPy.
+
+  For offsets that decode to finite boxes wherever they are finite (true of mixed_batch's).
+  """
+  with np.errstate(invalid="ignore"):
+    probs = np_softmax(logits.astype(np.float64))[..., 1:]  # NaN rows where a logit is NaN or inf
+  box_ok = np.all(np.isfinite(loc), axis=-1)
+  return np.sum((probs > score_threshold) & box_ok[..., None], axis=(1, 2))
+
+
+KW_BINDING = dict(score_threshold=0.2, iou_threshold=0.5, top_k=6, max_detections=10)
+
+
+@pytest.mark.parametrize("kw,capacities", [
+    (KW_BINDING, (16, 128)),  # every path; top_k and max_detections bind
+    (KW_BINDING, ()),  # the dense path alone
+    (KW_BINDING, None),  # the default capacities
+    # max_detections above the smaller capacity: the sparse paths pad.
+    (dict(score_threshold=0.05, iou_threshold=0.3, top_k=40, max_detections=100), (16, 128)),
+    # Every pair a candidate, nothing suppressed (IoU > 1 is impossible): the number of detections
+    # counts the top-k slots exactly. Default capacities: one sparse path for all 480 pairs.
+    (dict(score_threshold=0.0, iou_threshold=1.0, top_k=7, max_detections=50), None),
+    (dict(score_threshold=0.0, iou_threshold=1.0, top_k=1, max_detections=3), None),
+])
+def test_every_path_reproduces_the_dense_implementation(kw, capacities):
+  loc, logits, anchors = mixed_batch()
+  want = reference_detect(loc, logits, anchors, **kw)
+  if capacities is None:
+    assert_bitwise_equal(postprocess.detect(loc, logits, anchors, **kw), want)
+    return
+  # CPU: image by image, each on the path its own candidates need.
+  assert_bitwise_equal(postprocess._detect(loc, logits, anchors, variances=(0.1, 0.2),
+                                           capacities=capacities, **kw), want)
+  if not capacities:
+    return
+  # Accelerators: the whole batch on the path of its fullest image.
+  batched = jax.jit(functools.partial(postprocess._detect_batched, variances=(0.1, 0.2),
+                                      capacities=capacities, **kw))
+  assert_bitwise_equal(batched(loc, logits, anchors), want)
+  if kw is KW_BINDING:
+    counts = candidate_counts(logits, loc, kw["score_threshold"])
+    paths = np.searchsorted(np.asarray(capacities), counts)  # index of the path each image takes
+    assert set(paths.tolist()) == set(range(len(capacities) + 1)), counts
+    assert counts.min() == 0 and 0 < counts[2] <= capacities[0]
+    for b in range(len(loc)):  # each image alone, on its own path
+      one = (loc[b:b + 1], logits[b:b + 1], anchors)
+      assert_bitwise_equal(batched(*one), reference_detect(*one, **kw))
+
+
+def test_sparse_path_at_its_capacity_and_over_top_k():
+  """One image whose candidate count equals the capacity; one class holds most of them."""
+  rng = np.random.default_rng(3)
+  num_anchors, num_fg = 50, 3
+  xy = rng.uniform(0.0, 0.6, (num_anchors, 2))
+  boxes = np.concatenate([xy, xy + rng.uniform(0.1, 0.4, (num_anchors, 2))], -1)
+  boxes[30:40] = boxes[:10]  # duplicate boxes
+  # Quantized scores: many exact ties; class 0 has 40 candidates, more than top_k.
+  scores = rng.integers(0, 8, (num_anchors, num_fg)) / 8.0
+  scores[:40, 0] = rng.integers(3, 8, 40) / 8.0
+  scores[rng.uniform(size=scores.shape) < 0.05] = -np.inf
+  boxes, scores = jnp.asarray(boxes, jnp.float32), jnp.asarray(scores, jnp.float32)
+  kw = dict(score_threshold=0.3, iou_threshold=0.4, top_k=12, max_detections=20)
+  per_anchor = postprocess._candidates_per_anchor(scores, kw["score_threshold"])
+  count = int(per_anchor.sum())
+  assert count > kw["top_k"]
+  dense = jax.jit(functools.partial(postprocess._select_dense, **kw))(boxes, scores, per_anchor)
+  assert int(dense.valid) > 0
+  for capacity in (count, count + 1):
+    sparse = jax.jit(functools.partial(postprocess._select_sparse, capacity=capacity, **kw))
+    assert_bitwise_equal(sparse(boxes, scores, per_anchor), dense)
+
+
+def test_sparse_path_suppresses_across_the_whole_top_k():
+  # Class 1 ranks anchors 0..7; top_k = 5 keeps anchors 0-4, and anchor 4 repeats anchor 0's box
+  # (the farthest apart two candidates of one top k can be); the other boxes are disjoint.
+  top_k = 5
+  boxes = np.asarray([[0.1 * i, 0.0, 0.1 * i + 0.05, 0.05] for i in range(8)], np.float32)
+  boxes[4] = boxes[0]
+  scores = np.full((8, 2), -np.inf, np.float32)
+  scores[:, 0] = [0.9, 0.8, 0.7, 0.6, 0.5, 0.45, 0.44, 0.43]
+  boxes, scores = jnp.asarray(boxes), jnp.asarray(scores)
+  kw = dict(score_threshold=0.1, iou_threshold=0.5, top_k=top_k, max_detections=6)
+  per_anchor = postprocess._candidates_per_anchor(scores, kw["score_threshold"])
+  dense = jax.jit(functools.partial(postprocess._select_dense, **kw))(boxes, scores, per_anchor)
+  np.testing.assert_array_equal(dense.scores, np.float32([0.9, 0.8, 0.7, 0.6, 0, 0]))
+  for capacity in (8, 16):
+    sparse = jax.jit(functools.partial(postprocess._select_sparse, capacity=capacity, **kw))
+    assert_bitwise_equal(sparse(boxes, scores, per_anchor), dense)
+
+
+def test_ssd300_coco_sizes_take_each_path():
+  """A = 8732 anchors, 91 classes: a trained-like image, one with thousands of candidates, and
+  random logits (the dense path)."""
+  loc, logits, anchors = random_problem(0, 3, 8732, 91)
+  logits[:, :, 0] += np.asarray([15.0, 12.0, 0.0], np.float32)[:, None]
+  kw = dict(score_threshold=0.01, iou_threshold=0.45, top_k=400, max_detections=200)
+  counts = candidate_counts(logits, loc, kw["score_threshold"])
+  paths = np.searchsorted(np.asarray(postprocess._CAPACITIES), counts)
+  assert paths.tolist() == [0, 1, 2], counts
+  assert_bitwise_equal(postprocess.detect(loc, logits, anchors, **kw),
+                       reference_detect(loc, logits, anchors, **kw))
+
+
+def test_under_vmap_and_jit():
+  loc, logits, anchors = mixed_batch(seed=1)
+  loc, logits = np.stack([loc, loc[::-1]]), np.stack([logits, logits[::-1]])  # [2, B, ...]
+  fn = lambda ref: jax.jit(jax.vmap(lambda l, g: ref(l, g, anchors, **KW_BINDING)))
+  assert_bitwise_equal(fn(postprocess.detect)(loc, logits), fn(reference_detect)(loc, logits))
+
+
+def test_exported_for_cpu_and_cuda_with_symbolic_batch():
+  loc, logits, anchors = mixed_batch(seed=2)
+  batch = jax.export.symbolic_shape("b")[0]
+  exported = jax.export.export(
+      jax.jit(lambda l, g, a: tuple(postprocess.detect(l, g, a, **KW_BINDING))),
+      platforms=("cpu", "cuda"))(
+          jax.ShapeDtypeStruct((batch,) + loc.shape[1:], jnp.float32),
+          jax.ShapeDtypeStruct((batch,) + logits.shape[1:], jnp.float32),
+          jax.ShapeDtypeStruct(anchors.shape, jnp.float32))
+  exported = jax.export.deserialize(exported.serialize())
+  assert_bitwise_equal(exported.call(loc, logits, anchors),
+                       reference_detect(loc, logits, anchors, **KW_BINDING))
+
+
+def test_paths_for_small_and_large_problems():
+  kw = KW_BINDING
+  capacities, paths = postprocess._paths((256, 4096), 10**6, **kw)
+  assert capacities == (256, 4096) and len(paths) == 3  # then the dense path
+  capacities, paths = postprocess._paths((256, 4096), 500, **kw)
+  assert capacities == (500,) and len(paths) == 1  # 500 slots hold every pair
+  capacities, paths = postprocess._paths((256, 4096), 4096, **kw)
+  assert capacities == (4096,) and len(paths) == 1
+  capacities, paths = postprocess._paths((), 500, **kw)
+  assert capacities == () and len(paths) == 1
+  index = [int(postprocess._path_index(jnp.float32(c), (256, 4096)))
+           for c in (0, 256, 257, 4096, 4097)]
+  assert index == [0, 0, 1, 1, 2]
 
 
 # ---------------------------------------------------------------------------------------------
