@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
+from ssdjax import distributed
 from ssdjax.errors import UserError
 
 CHECKSUMS = "ssdjax_checksums.json"
@@ -140,7 +141,9 @@ def save(mngr: ocp.CheckpointManager, step: int, items: Mapping[str, Any], *, st
     saved = mngr.save(step, args=ocp.args.Composite(**items), force=True)
     # Waiting here makes a write failure surface at the step that caused it.
     mngr.wait_until_finished()
-    if saved:
+    # Several processes: the checksums cover every process's files (and orbax's finalization).
+    distributed.barrier(f"checkpoint_{step}_written")
+    if saved and distributed.is_main():
       write_checksums(folder)
   except OSError as e:
     raise OSError(e.errno, f"checkpoint at step {step} could not be written to {folder}: "
@@ -152,16 +155,20 @@ def save(mngr: ocp.CheckpointManager, step: int, items: Mapping[str, Any], *, st
 
 
 def quarantine(mngr: ocp.CheckpointManager, step: int) -> str:
-  """Moves a bad checkpoint out of orbax's sight, to ``<workdir>/checkpoints_bad/``."""
-  src = step_dir(mngr, step)
-  bad_root = os.path.join(os.path.dirname(str(mngr.directory)), BAD_DIR)
-  os.makedirs(bad_root, exist_ok=True)
-  dst = os.path.join(bad_root, f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
-  n = 1
-  while os.path.exists(dst):
-    n += 1
-    dst = os.path.join(bad_root, f"{step}-{time.strftime('%Y%m%d-%H%M%S')}-{n}")
-  shutil.move(src, dst)
+  """Moves a bad checkpoint out of orbax's sight, to ``<workdir>/checkpoints_bad/`` (process 0
+  moves it, every process then sees it gone); returns where it went (process 0) or ""."""
+  dst = ""
+  if distributed.is_main():
+    src = step_dir(mngr, step)
+    bad_root = os.path.join(os.path.dirname(str(mngr.directory)), BAD_DIR)
+    os.makedirs(bad_root, exist_ok=True)
+    dst = os.path.join(bad_root, f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
+    n = 1
+    while os.path.exists(dst):
+      n += 1
+      dst = os.path.join(bad_root, f"{step}-{time.strftime('%Y%m%d-%H%M%S')}-{n}")
+    shutil.move(src, dst)
+  distributed.barrier(f"quarantine_{step}")
   mngr.reload()
   return dst
 
@@ -178,7 +185,10 @@ def restore_newest_good(mngr: ocp.CheckpointManager, restore: Callable[[int], di
     move_bad: move a bad checkpoint to ``checkpoints_bad/`` (training) or leave it where it is
       (evaluation, prediction, export: read-only).
     step: only this step (no fall-back), or None for the newest good one.
-    report: where the one-line message about each bad checkpoint goes.
+    report: where the one-line message about each bad checkpoint goes (process 0's).
+
+  With several processes they all take the same checkpoint: process 0 verifies the checksums, and
+  a checkpoint that fails to restore in any process is bad for all.
 
   Returns:
     (items, step), or (None, None) when there is no good checkpoint.
@@ -186,13 +196,17 @@ def restore_newest_good(mngr: ocp.CheckpointManager, restore: Callable[[int], di
   candidates = [step] if step is not None else sorted(mngr.all_steps(), reverse=True)
   for s in candidates:
     folder = step_dir(mngr, s)
-    problem = verify_checksums(folder)
+    problem = verify_checksums(folder) if distributed.is_main() else None
+    if distributed.agree(problem is not None) and problem is None:
+      problem = "process 0 found its files damaged"
     items = None
     if problem is None:
       try:
         items = restore(s)
       except Exception as e:  # pylint: disable=broad-except
         problem = f"it failed to restore ({type(e).__name__}: {str(e).splitlines()[0][:300]})"
+      if distributed.any_process(problem is not None) and problem is None:
+        problem = "it failed to restore in another process"
     if problem is None and not all_finite(items["state"]):
       problem = "it holds NaN/inf values"
     if problem is None:
@@ -202,7 +216,8 @@ def restore_newest_good(mngr: ocp.CheckpointManager, restore: Callable[[int], di
     where = ""
     if move_bad:
       where = f"; moved to {quarantine(mngr, s)}"
-    report(f"checkpoint {folder} is damaged: {problem}{where}; falling back to the previous one")
+    if distributed.is_main():
+      report(f"checkpoint {folder} is damaged: {problem}{where}; falling back to the previous one")
   return None, None
 
 
@@ -213,7 +228,8 @@ def restore_newest_good(mngr: ocp.CheckpointManager, restore: Callable[[int], di
 # evaluation is scored, where the data set lies, the pretrained weights (read only by a fresh run).
 # Every other field changes what is trained.
 SAFE_TO_CHANGE = ("train.num_steps", "train.log_every", "train.eval_every",
-                  "train.checkpoint_every", "train.keep_checkpoints", "eval.", "postprocess.",
+                  "train.checkpoint_every", "train.keep_checkpoints", "train.process_timeout_s",
+                  "eval.", "postprocess.",
                   "data.data_dir", "data.eval", "model.pretrained")
 # Fields that define the parameters' shapes or the optimizer state's layout (freezing): never
 # resumable, whatever the flag.

@@ -305,6 +305,10 @@ SCHEMA: dict[str, Any] = {
                           _one_of("stop", "skip")),
         "max_skipped_steps": F(10, "on_nonfinite='skip': the run stops when more steps than "
                                "this were skipped", _at_least(0)),
+        # Multi-process runs (docs/multihost.md).
+        "process_timeout_s": F(60.0, "several processes: one not heard from for this many "
+                               "seconds is lost and the others exit naming it; also the longest "
+                               "wait at a checkpoint barrier", _in_range(1.0, 86400.0)),
     },
     "eval": {
         "batch_size": F(32, "evaluation batch", _at_least(1)),

@@ -22,7 +22,7 @@ import signal
 import subprocess
 import threading
 import time
-from typing import Callable
+from typing import Any, Callable
 
 from absl import logging
 import chex
@@ -38,6 +38,7 @@ from ssdjax import anchors as anchors_lib
 from ssdjax import augment
 from ssdjax import checkpoints
 from ssdjax import config as config_lib
+from ssdjax import distributed
 from ssdjax import evaluation
 from ssdjax import freeze
 from ssdjax import losses
@@ -94,7 +95,8 @@ def write_run_records(config: ml_collections.ConfigDict, workdir: str, anchors: 
   np.save(os.path.join(workdir, "anchors.npy"), anchors)
   with open(os.path.join(workdir, "version.json"), "w") as f:
     json.dump({"ssdjax": ssdjax.__version__, "git_commit": _git_commit(), "jax": jax.__version__,
-               "devices": [str(d) for d in jax.devices()]}, f, indent=2)
+               "devices": [str(d) for d in jax.devices()], "processes": jax.process_count()},
+              f, indent=2)
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
@@ -337,6 +339,14 @@ class Trainer:
     """Process-local numpy batch -> global arrays sharded over 'data'."""
     return {k: self.shard(v) for k, v in batch.items()}
 
+  def local_rows(self, tree):
+    """Global arrays split over 'data' -> this process's rows as NumPy (``to_device`` undone)."""
+    if jax.process_count() == 1:
+      return jax.device_get(tree)
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    local = multihost_utils.global_array_to_host_local_array(tree, self.mesh, jax.P("data"))
+    return jax.tree.map(np.asarray, local)
+
   def restore_target(self):
     """The state's shapes, dtypes and shardings: what orbax restores into."""
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
@@ -428,7 +438,10 @@ def evaluate(trainer: Trainer, variables) -> tuple[dict, list]:
   """Runs detection over the eval split; returns (metrics, detection records).
 
   The split is ``config.data.eval`` cut to ``config.eval.max_images`` by the input pipeline, which
-  gives the ground truth and the batches for the same images.
+  gives the ground truth and the batches for the same images. With several processes each one
+  detects on its own part of the split (``ssdjax.data.make_eval_batches``); the detections are
+  gathered in every process and scored there, each image once, so every process returns the
+  metrics one process would.
   """
   from ssdjax import data  # the input pipeline is only needed by the loop and the CLIs
 
@@ -436,13 +449,32 @@ def evaluate(trainer: Trainer, variables) -> tuple[dict, list]:
   if not config.eval.metrics:
     return {}, []
   gt = data.eval_ground_truth(config)
+  position = {g["image_id"]: i for i, g in enumerate(gt)}
+  local = []  # per batch: this process's rows, padding at position -1
+  for batch in data.make_eval_batches(config, batch_size=config.eval.batch_size,
+                                      process_index=jax.process_index(),
+                                      process_count=jax.process_count()):
+    images = trainer.shard(batch["images"])
+    distributed.compile_together(trainer.predict, variables, images)
+    out = trainer.local_rows(trainer.predict(variables, images))
+    where = np.array([position[int(i)] if ok else -1
+                      for i, ok in zip(batch["image_id"], batch["valid"])], np.int32)
+    local.append({"position": where, "valid": np.asarray(out.valid, np.int32),
+                  "boxes": np.asarray(out.boxes), "scores": np.asarray(out.scores),
+                  "classes": np.asarray(out.classes, np.int32)})
+  rows = {k: np.concatenate([b[k] for b in local]) for k in local[0]} if local else {}
+  if jax.process_count() > 1 and rows:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    rows = {k: np.asarray(v).reshape((-1,) + v.shape[2:])  # [processes * M, ...]
+            for k, v in multihost_utils.process_allgather(rows).items()}
   dets = []
-  for batch in data.make_eval_batches(config, batch_size=config.eval.batch_size):
-    out = jax.device_get(trainer.predict(variables, trainer.shard(batch["images"])))
-    for i in np.flatnonzero(batch["valid"]):
-      n = int(out.valid[i])
-      dets.append({"image_id": int(batch["image_id"][i]), "boxes": np.asarray(out.boxes[i, :n]),
-                   "scores": np.asarray(out.scores[i, :n]), "labels": np.asarray(out.classes[i, :n])})
+  for r in np.argsort(rows["position"], kind="stable") if rows else []:
+    if rows["position"][r] < 0:
+      continue
+    n = int(rows["valid"][r])
+    dets.append({"image_id": int(gt[rows["position"][r]]["image_id"]),
+                 "boxes": rows["boxes"][r, :n], "scores": rows["scores"][r, :n],
+                 "labels": rows["classes"][r, :n]})
   metrics = evaluation.evaluate(gt, dets, tuple(config.class_names),
                                 metrics=tuple(config.eval.metrics),
                                 backend=config.eval.coco_backend)
@@ -504,11 +536,14 @@ class DevicePrefetch:
   ``get_state()`` is the input position after the batches handed out so far (not after those
   in flight), which is what a checkpoint records for an exact resume: JSON bytes, as
   ``grain.checkpoint.CheckpointSave`` takes them from an iterator that is not grain's own (restore
-  into the grain iterator itself).
+  them with :class:`InputPosition`). An iterator whose stream starts at a later global batch
+  (``start_step``, a run resumed with another process count) records that step with its position.
   """
 
-  def __init__(self, iterator, to_device: Callable[[dict], dict], depth: int = 2):
+  def __init__(self, iterator, to_device: Callable[[dict], dict], depth: int = 2, *,
+               start_step: int = 0):
     self._it, self._to_device, self._depth = iterator, to_device, depth
+    self._start_step = start_step
     self._queue: collections.deque = collections.deque()
     self._state = iterator.get_state()
 
@@ -523,25 +558,102 @@ class DevicePrefetch:
     return batch
 
   def get_state(self) -> bytes:
+    if self._start_step:
+      return json.dumps({_START_STEP: self._start_step, "iterator": self._state}, indent=4).encode()
     return json.dumps(self._state, indent=4).encode()
 
 
+_START_STEP = "ssdjax_start_step"
+
+
+class InputPosition:
+  """Restores what :meth:`DevicePrefetch.get_state` saved (through grain's checkpoint handler).
+
+  ``iterator`` is the input iterator of a stream that starts at global batch ``start_step`` (0 at
+  first); ``make(start_step)`` builds another one when the saved position belongs to a stream
+  that starts later.
+  """
+
+  def __init__(self, make: Callable[[int], Any], iterator):
+    self._make = make
+    self.iterator, self.start_step = iterator, 0
+
+  def set_state(self, state: bytes) -> None:
+    state = json.loads(state)
+    start = 0
+    if isinstance(state, dict) and _START_STEP in state:
+      start, state = int(state[_START_STEP]), state["iterator"]
+    if self.iterator is None or start != self.start_step:
+      self.close()
+      self.iterator, self.start_step = self._make(start), start
+    self.iterator.set_state(state)
+
+  def start_prefetch(self) -> None:
+    start = getattr(self.iterator, "start_prefetch", None)
+    if start is not None:
+      start()
+
+  def close(self) -> None:
+    close = getattr(self.iterator, "close", None)
+    if close is not None:
+      close()
+    self.iterator = None
+
+
+def input_files(step_folder: str) -> list[str] | None:
+  """The per-process input positions of a checkpoint (``process_<i>-of-<n>.json``, grain's names),
+  or None when it has no input item (weights converted by ``ssdjax.convert``)."""
+  folder = os.path.join(step_folder, "data")
+  if not os.path.isdir(folder):
+    return None
+  return sorted(f for f in os.listdir(folder) if f.startswith("process_") and f.endswith(".json"))
+
+
 class _StopSignals:
-  """Catches SIGINT and SIGTERM during training: the loop saves at the current step and exits."""
+  """Catches SIGINT and SIGTERM during training: the loop saves at the current step and exits.
+
+  With several processes all must save the same step, and a signal may reach only some of them:
+  SIGTERM is left to JAX's preemption service (``jax.distributed`` catches it and the processes
+  agree on a step, ``multihost_utils.reached_preemption_sync_point``) and SIGINT is passed on to
+  it as a SIGTERM; every process then exits with status 143.
+  """
 
   def __init__(self):
     self.signum = None
     self._old = {}
+    self._several = jax.process_count() > 1
+    self._interrupted = False
     if threading.current_thread() is not threading.main_thread():
       return  # signal handlers can only be set from the main thread
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in (signal.SIGINT,) if self._several else (signal.SIGINT, signal.SIGTERM):
       self._old[sig] = signal.signal(sig, self._handle)
+
+  def stop_at(self, step: int) -> bool:
+    """Whether the loop saves at ``step`` (steps done) and exits; called at every step."""
+    if self._several and self.signum is None:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      try:
+        reached = multihost_utils.reached_preemption_sync_point(step)
+      except RuntimeError:  # jax.distributed started without its preemption service
+        reached = False
+      if reached:
+        self.signum = signal.SIGTERM
+        logging.warning("a process received SIGTERM or SIGINT: every process saves a checkpoint "
+                        "at step %d, then exits", step)
+    return self.signum is not None
 
   def _handle(self, signum, frame):
     del frame
-    if self.signum is not None:  # a second signal: stop now, as without the handler
+    if self.signum is not None or self._interrupted:  # a second signal: stop now, unsaved
       self.restore()
       raise KeyboardInterrupt
+    if self._several:
+      self._interrupted = True
+      os.kill(os.getpid(), signal.SIGTERM)  # to JAX's preemption service, which tells the others
+      logging.warning("%s received: all processes save a checkpoint at a step they agree on, "
+                      "then exit (send it again to stop without saving)",
+                      signal.Signals(signum).name)
+      return
     self.signum = signum
     logging.warning("%s received: saving a checkpoint at the current step, then exiting (send it "
                     "again to stop without saving)", signal.Signals(signum).name)
@@ -602,45 +714,67 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   # and compared with the workdir's own when resuming.
   config = prepare_config(config)
   changes = _resume_changes(config, workdir, allow_config_change)
+  distributed.barrier("resume_checked")  # every process read the records before they are rewritten
 
   # --- Mesh, model, optimizer, compiled steps.
   trainer = Trainer(config)
-  main_process = jax.process_index() == 0
+  main_process = distributed.is_main()
   if main_process:
     write_run_records(config, workdir, trainer.anchors)
   logging.info("mesh %s over %d device(s): %s; %d anchors", dict(trainer.mesh.shape),
                trainer.mesh.size, jax.devices()[0].platform, len(trainer.anchors))
 
-  # --- Input.
-  train_iter = data.make_train_iterator(config, seed=config.seed, process_index=jax.process_index(),
-                                        process_count=jax.process_count())
+  # --- Input: this process's rows of every global batch (ssdjax.data), from global batch
+  # ``start_step`` of the stream on.
+  def make_input(start_step: int = 0):
+    return data.make_train_iterator(config, seed=config.seed, process_index=jax.process_index(),
+                                    process_count=jax.process_count(), start_step=start_step)
+
+  position = InputPosition(make_input, make_input())
 
   # --- State: fresh or restored (params, optimizer, step and the input position) from the
   # newest checkpoint that verifies; damaged ones are moved to checkpoints_bad/.
   mngr = checkpoints.manager(workdir, config.train.keep_checkpoints)
+  this_process = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
 
   def restore(step_now):
     import grain  # pylint: disable=g-import-not-at-top
     items = {"state": ocp.args.StandardRestore(trainer.restore_target())}
-    # A checkpoint written outside this loop (ssdjax.convert) has no input position: start the
-    # input from the beginning.
-    if "data" in mngr.item_metadata(step_now):
-      items["data"] = grain.checkpoint.CheckpointRestore(train_iter)
+    # A checkpoint written outside this loop (ssdjax.convert) has no input position, and one
+    # written by another number of processes has none for this one: see below.
+    files = input_files(checkpoints.step_dir(mngr, step_now)) or []
+    if "data" in mngr.item_metadata(step_now) and (this_process in files or not files):
+      items["data"] = grain.checkpoint.CheckpointRestore(position)
     return mngr.restore(step_now, args=ocp.args.Composite(**items))
 
   had_checkpoints = bool(mngr.all_steps())
   restored, start = checkpoints.restore_newest_good(mngr, restore, move_bad=True)
+  input_start = 0
   if restored is None:
     state = trainer.init_state(config.seed)
     start = 0
     if had_checkpoints:  # every one was damaged: a failed restore may have moved the input
-      getattr(train_iter, "close", lambda: None)()
-      train_iter = data.make_train_iterator(config, seed=config.seed,
-                                            process_index=jax.process_index(),
-                                            process_count=jax.process_count())
+      position.close()
+      position.iterator = make_input()
   else:
     state = restored["state"]
     logging.info("resumed from %s at step %d", checkpoints.step_dir(mngr, start), start)
+    if "data" in restored:
+      input_start = position.start_step
+    else:
+      # The global stream does not depend on the process count, so a checkpoint of N processes
+      # continues in M at global batch `start`: the batches an uninterrupted run reads (unless
+      # bad_records="skip" dropped images). Converted weights start the input from the beginning.
+      written_by = input_files(checkpoints.step_dir(mngr, start))
+      if written_by:
+        input_start = start
+        logging.info("the checkpoint holds the input positions of %s process(es), this run has "
+                     "%d: the input continues at global batch %d of the same stream",
+                     written_by[0].rsplit("-of-", 1)[-1][:-len(".json")], jax.process_count(),
+                     start)
+      position.close()
+      position.iterator = make_input(input_start)
+  train_iter = position.iterator
   if main_process:
     checkpoints.record_changes(workdir, start, changes)
   n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
@@ -655,7 +789,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                mininterval=1.0, disable=None)
 
   saved_at = [start]
-  feed = DevicePrefetch(train_iter, trainer.to_device)
+  feed = DevicePrefetch(train_iter, trainer.to_device, start_step=input_start)
 
   def save(step_now: int) -> None:
     import grain  # pylint: disable=g-import-not-at-top
@@ -683,9 +817,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   stop = _StopSignals()
   try:
     for step in range(start, total):
-      if stop.signum is not None:
+      if stop.stop_at(step):
         _save_and_exit(save, step, stop.signum)
-      state, metrics = trainer.train_step(state, next(feed))
+      batch = next(feed)
+      distributed.compile_together(trainer.train_step, state, batch)
+      state, metrics = trainer.train_step(state, batch)
       pending.append(metrics)
       steps_since += 1
       done = step + 1
@@ -716,7 +852,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         save(done)
       if _due(done, config.train.eval_every) and done != total:
         run_eval(done)
-    if stop.signum is not None:
+    if stop.stop_at(total):
       _save_and_exit(save, total, stop.signum)
     if bar is not None:
       bar.close()

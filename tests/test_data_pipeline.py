@@ -117,21 +117,28 @@ def test_worker_processes_resume_from_state():
     it.close()
 
 
-def test_processes_read_disjoint_slices_and_reshuffle_each_epoch():
+def test_processes_read_their_rows_of_the_same_global_batches():
   c = _augment_off(_config(num_train=8))
   source = pipeline.train_source(c)
   all_keys = {_key(data.preprocess(source[i]["image"], c)) for i in range(8)}
-  epochs = {}
+  one = data.make_train_iterator(c, seed=0)
+  single = [next(one) for _ in range(8)]  # 4 images per batch -> 4 epochs of 8 images
+  parts = []
   for process in (0, 1):
     it = data.make_train_iterator(c, seed=0, process_index=process, process_count=2)
-    batches = [next(it) for _ in range(8)]  # 2 images per batch -> 4 epochs of 4 images
-    assert batches[0]["images"].shape[0] == 2
-    keys = [_key(image) for b in batches for image in b["images"]]
-    epochs[process] = [keys[i:i + 4] for i in range(0, 16, 4)]
-    assert all(set(e) == set(epochs[process][0]) for e in epochs[process])
-    assert len({tuple(e) for e in epochs[process]}) > 1  # a new order in some epoch
-  assert not set(epochs[0][0]) & set(epochs[1][0])
-  assert set(epochs[0][0]) | set(epochs[1][0]) == all_keys
+    parts.append([next(it) for _ in range(8)])
+    assert parts[-1][0]["images"].shape[0] == 2
+  for k, want in enumerate(single):
+    for field in want:  # process 0 holds rows 0-1, process 1 rows 2-3 of the global batch
+      np.testing.assert_array_equal(
+          np.concatenate([parts[0][k][field], parts[1][k][field]]), want[field])
+  keys = [_key(image) for b in single for image in b["images"]]
+  epochs = [keys[i:i + 8] for i in range(0, 32, 8)]
+  assert all(set(e) == all_keys for e in epochs)
+  assert len({tuple(e) for e in epochs}) > 1  # a new order in some epoch
+  # A stream started at a step is the same stream from there (resuming with another count).
+  late = data.make_train_iterator(c, seed=0, process_index=1, process_count=2, start_step=5)
+  np.testing.assert_array_equal(next(late)["images"], parts[1][5]["images"])
 
 
 def test_batch_size_and_process_errors():

@@ -30,7 +30,7 @@ from tests.helpers import REPO, subprocess_env
 
 # The order the manuals run in: later ones use the workdirs of earlier ones.
 ORDER = ("README.md", "docs/training.md", "docs/data.md", "docs/extending.md", "docs/export.md",
-         "docs/api.md", "docs/parity.md", "docs/models.md")
+         "docs/api.md", "docs/parity.md", "docs/models.md", "docs/multihost.md")
 RUNNABLE = ("bash", "python")
 
 _TINY = ["--config.train.num_steps=2", "--config.train.batch_size=2", "--config.eval.batch_size=2",

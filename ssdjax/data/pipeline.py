@@ -1,10 +1,12 @@
 """Training and evaluation input pipelines (grain), and single-image preprocessing for prediction.
 
-Training (:func:`make_train_iterator`): source -> this process's slice -> shuffle (a new order each
-epoch) -> repeat forever -> per-element augmentation with an RNG derived from the seed and the
-element's position (``random_map``) -> batches -> ``num_workers`` worker processes
-(``mp_prefetch``; 0 = in the main process). Difficult (VOC) and crowd (COCO) boxes are dropped from
-the training targets, as Caffe SSD and torchvision do; evaluation keeps them to ignore matches.
+Training (:func:`make_train_iterator`): source -> shuffle (a new order each epoch) -> repeat
+forever -> per-element augmentation with an RNG derived from the seed and the element's position
+(``random_map``) -> this process's rows of every global batch -> batches -> ``num_workers`` worker
+processes (``mp_prefetch``; 0 = in the main process). The global stream is the same for any number
+of processes, and each process reads only its rows of it, so N processes train on exactly the
+batches one process would. Difficult (VOC) and crowd (COCO) boxes are dropped from the training
+targets, as Caffe SSD and torchvision do; evaluation keeps them to ignore matches.
 
 Worker processes end when the process that started them ends, even by SIGKILL
 (:func:`_exit_with_parent`), and the shared memory that carries their batches is released before
@@ -189,19 +191,23 @@ def pad_boxes(record: records.Record, max_boxes: int) -> dict[str, np.ndarray]:
   return {"gt_boxes": gt_boxes, "gt_labels": gt_labels, "gt_mask": np.arange(max_boxes) < n}
 
 
-def make_train_iterator(config, *, seed: int, process_index: int = 0,
-                        process_count: int = 1) -> grain.DatasetIterator:
+def make_train_iterator(config, *, seed: int, process_index: int = 0, process_count: int = 1,
+                        start_step: int = 0) -> grain.DatasetIterator:
   """Infinite iterator of training batches for this process (module docstring for the arrays).
 
   Args:
     config: the experiment config (data, augment, image_size, train.batch_size).
     seed: seeds the shuffle and the augmentation RNGs.
-    process_index, process_count: this process reads elements process_index::process_count of the
-      training source; its batch is ``config.train.batch_size // process_count``.
+    process_index, process_count: this process reads rows ``[p * b, (p + 1) * b)`` of every
+      global batch of ``config.train.batch_size`` (``b = batch_size // process_count``), and only
+      those images; the global batches do not depend on the process count.
+    start_step: the first batch is global batch ``start_step`` of the stream (a resumed run
+      whose checkpoint holds no input position for this process count starts at its step).
 
   Returns:
     A grain ``DatasetIterator``: ``next(it)`` is a batch; ``get_state()`` / ``set_state()`` (or
-    ``grain.checkpoint.CheckpointSave(it)``) save and restore its position.
+    ``grain.checkpoint.CheckpointSave(it)``) save and restore its position (relative to
+    ``start_step``).
   """
   global_batch = config.train.batch_size
   if process_count < 1 or global_batch < 1 or global_batch % process_count:
@@ -209,44 +215,94 @@ def make_train_iterator(config, *, seed: int, process_index: int = 0,
                      f"process count {process_count}")
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index={process_index} must be in 0..{process_count - 1}")
+  if start_step < 0:
+    raise ValueError(f"start_step={start_step} must be >= 0")
   _check_data_config(config)
   source = train_source(config)
-  ds = grain.MapDataset.source(source)[process_index::process_count]
-  if len(ds) == 0:
-    raise ValueError(f"process {process_index} of {process_count} gets no training records "
-                     f"({len(source)} in total)")
-  ds = ds.seed(seed).shuffle().repeat()
+  if len(source) == 0:
+    raise ValueError(f"the training source has no records ({config.data.train})")
+  ds = grain.MapDataset.source(source).seed(seed).shuffle().repeat()
   # On the device path the augmentation's randomness comes from (seed, step, image index) in the
   # train step; the host only decodes and fits the canvas.
   ds = ds.map(CanvasTransform(config)) if augment_on_device(config) else ds.random_map(
       TrainTransform(config))
-  return iter(_batched(ds, global_batch // process_count, config.data.num_workers,
-                       drop_remainder=True))
+  rows = global_batch // process_count
+  if process_count > 1:
+    ds = _ProcessRows(ds, rows, process_index, process_count)
+  if start_step:
+    ds = ds[start_step * rows:]
+  return iter(_batched(ds, rows, config.data.num_workers, drop_remainder=True))
 
 
-def make_eval_batches(config, *, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+class _ProcessRows(grain.MapDataset):
+  """Rows ``[p * rows, (p + 1) * rows)`` of every global batch of ``rows * count`` elements.
+
+  Lazy: an element of the parent is read (decoded, augmented) only by the process that uses it.
+  """
+
+  def __init__(self, parent: grain.MapDataset, rows: int, process_index: int, count: int):
+    super().__init__(parent)
+    self._rows, self._index, self._count = rows, process_index, count
+
+  def __len__(self) -> int:
+    return len(self._parent) // self._count
+
+  def __str__(self) -> str:
+    return f"_ProcessRows(rows={self._rows}, process={self._index} of {self._count})"
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    batch, row = divmod(index, self._rows)
+    return self._parent[(batch * self._count + self._index) * self._rows + row]
+
+
+def make_eval_batches(config, *, batch_size: int, process_index: int = 0,
+                      process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
   """Batches over the eval split (``config.data.eval``), in source order.
 
   An image that fails to decode with ``bad_records="skip"`` is left out (and logged); its ground
   truth stays in :func:`eval_ground_truth`, so its objects count as missed.
 
+  Args:
+    config: the experiment config.
+    batch_size: the global batch; each process's batches hold ``batch_size // process_count``.
+    process_index, process_count: this process reads its part of the split only, records
+      ``[p * m, (p + 1) * m)`` with ``m = ceil(n / process_count)``. Every process yields the
+      same number of batches (its last ones padded, or all padding), so that the processes run
+      the same number of global steps; together they hold every image once.
+
   Returns:
     An iterator of {"images": float32 [b, S, S, 3], "image_id": int64 [b], "valid": bool [b]}; the
-    last batch is padded to ``batch_size`` with zero images and valid=False.
+    last batches are padded to ``b`` with zero images and valid=False.
   """
-  if batch_size < 1:
-    raise ValueError(f"eval batch_size={batch_size} must be >= 1")
+  if batch_size < 1 or batch_size % process_count:
+    raise ValueError(f"eval batch_size={batch_size} must be a positive multiple of the process "
+                     f"count {process_count}")
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index={process_index} must be in 0..{process_count - 1}")
   _check_data_config(config)
-  ds = grain.MapDataset.source(eval_source(config)).map(EvalTransform(config))
-  return _padded_batches(iter(_batched(ds, batch_size, config.data.num_workers,
-                                       drop_remainder=False)), batch_size,
-                         in_workers=config.data.num_workers > 0)
+  ds = grain.MapDataset.source(eval_source(config))
+  rows = batch_size // process_count
+  num_batches = None
+  if process_count > 1:
+    part = -(-len(ds) // process_count)
+    ds = ds[process_index * part:(process_index + 1) * part]
+    num_batches = -(-part // rows)
+  ds = ds.map(EvalTransform(config))
+  return _padded_batches(iter(_batched(ds, rows, config.data.num_workers, drop_remainder=False)),
+                         rows, in_workers=config.data.num_workers > 0, num_batches=num_batches,
+                         image_size=int(config.image_size))
 
 
-def _padded_batches(iterator, batch_size: int, *,
-                    in_workers: bool) -> Iterator[dict[str, np.ndarray]]:
+def _padded_batches(iterator, batch_size: int, *, in_workers: bool, num_batches: int | None = None,
+                    image_size: int = 0) -> Iterator[dict[str, np.ndarray]]:
+  """``iterator``'s batches padded to ``batch_size`` rows, then all-padding batches up to
+  ``num_batches`` (None: none)."""
+  count = 0
   try:
     for batch in iterator:
+      count += 1
       yield _pad_batch(batch, batch_size)
   finally:
     close = getattr(iterator, "close", None)
@@ -254,6 +310,10 @@ def _padded_batches(iterator, batch_size: int, *,
       close()
     if in_workers:
       release_shared_memory()
+  empty = {"images": np.zeros((0, image_size, image_size, 3), np.float32),
+           "image_id": np.zeros((0,), np.int64), "valid": np.zeros((0,), bool)}
+  for _ in range(count, num_batches or 0):
+    yield _pad_batch(empty, batch_size)
 
 
 def eval_ground_truth(config) -> list[dict[str, Any]]:
