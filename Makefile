@@ -25,8 +25,9 @@ demo: venv
 test: venv
 	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
+# The interleaved suite against torchvision (needs torch: EXTRAS=test,convert); writes BENCHMARKS.md.
 bench: venv
-	$(PY) benchmarks/train_step.py
+	$(PY) benchmarks/suite.py --write=BENCHMARKS.md
 
 clean:
 	rm -rf $(VENV) runs

@@ -3,14 +3,14 @@
 #
 #   bash benchmarks/gpu.sh                      # from the repository root, on the GPU machine
 #   GPU_SH_DRY=1 bash benchmarks/gpu.sh         # print each step, its time limit and command; run nothing
-#   GPU_SH_ONLY="vs_tv_f32 pytest" bash benchmarks/gpu.sh   # rerun only the named steps
+#   GPU_SH_ONLY="suite_f32 pytest" bash benchmarks/gpu.sh   # rerun only the named steps
 #
 # Everything lands under $OUT (default ./gpu_out): summary.txt (versions, then one line per step with
 # its status and elapsed seconds, followed by the tail of its output), <step>.out and <step>.err
 # (full stdout and stderr), synthetic/ (the workdir of the short training run).
 #
 # On the lent device machine (one GPU, 16 cores, no network): give the device runner the command
-# `bash benchmarks/gpu.sh` with a timeout of about 540 s, which leaves the rest of the device
+# `bash benchmarks/gpu.sh` with a timeout of about 570 s, which leaves the rest of the device
 # allowance for rerunning a failed step with GPU_SH_ONLY; copy summary.txt and the .out files into
 # BENCHMARKS.md, then give the machine back. The machine's python3 has jax (CUDA), flax, optax,
 # orbax, chex, torch and torchvision; anything else the project imports is installed from the
@@ -23,13 +23,13 @@
 # then delete from it the large wheels the machine already has (numpy, jax, protobuf, ...).
 #
 # Each step runs under `timeout`; a failed or timed-out step is recorded and the next one runs.
-# GPU_SH_BUDGET (seconds, default 470) caps the whole run: a step gets at most what is left of it,
+# GPU_SH_BUDGET (seconds, default 540) caps the whole run: a step gets at most what is left of it,
 # and steps are ordered by importance (GPU benchmarks first, the CPU-only input pipeline last).
 set -u
 
 DRY=${GPU_SH_DRY:-0}
 ONLY=${GPU_SH_ONLY:-}
-BUDGET=${GPU_SH_BUDGET:-470}
+BUDGET=${GPU_SH_BUDGET:-540}
 PY=${PYTHON:-python3}
 OUT=$(realpath -m "${OUT:-./gpu_out}")  # absolute before the cd below
 SUMMARY="$OUT/summary.txt"
@@ -118,21 +118,19 @@ log "gpu.sh $(date -u '+%Y-%m-%d %H:%M UTC'), budget ${BUDGET}s, OUT=$OUT${ONLY:
 step nvidia_smi 15 nvidia-smi
 step install_missing 45 bash -c install_missing
 step versions 30 bash -c versions
-step train_step_f32 50 "$PY" benchmarks/train_step.py --config=ssd300_voc --batch_size=32 --steps=10
-step train_step_bf16 45 "$PY" benchmarks/train_step.py --config=ssd300_voc --batch_size=32 --steps=10 \
-  --dtype=bfloat16
-step train_step_bf16_b64 45 "$PY" benchmarks/train_step.py --config=ssd300_voc --batch_size=64 --steps=10 \
-  --dtype=bfloat16
-step vs_tv_f32 90 "$PY" benchmarks/vs_torchvision.py --batch_size=32 --steps=10
-step vs_tv_bf16 80 "$PY" benchmarks/vs_torchvision.py --batch_size=32 --steps=10 --dtype=bfloat16
-# Two minutes of the default experiment; 8 input workers so that the 16 cores, not the default 2
+# The interleaved suite against torchvision (AMP for bfloat16), with MFU; tables land in $OUT.
+step suite_bf16 150 "$PY" benchmarks/suite.py --device=cuda --dtype=bfloat16 --batch_size=128 \
+  --large_batch=256 --pairs=5 --write="$OUT/suite.md"
+step suite_f32 130 "$PY" benchmarks/suite.py --device=cuda --batch_size=64 --large_batch=256 \
+  --pairs=5 --write="$OUT/suite.md"
+# One minute of the default experiment; 8 input workers so that the 16 cores, not the default 2
 # workers, feed the GPU. If it is cut off, the last metrics.jsonl lines show how far it got.
-step synthetic 120 "$PY" -m ssdjax.main --config=configs/synthetic.py --workdir="$OUT/synthetic" \
-  --config.train.num_steps=2000 --config.data.num_workers=8
+step synthetic 60 "$PY" -m ssdjax.main --config=configs/synthetic.py --workdir="$OUT/synthetic" \
+  --config.train.num_steps=1000 --config.data.num_workers=8
 if [[ "$DRY" != 1 && -f "$OUT/synthetic/metrics.jsonl" ]]; then
   tail -n 3 "$OUT/synthetic/metrics.jsonl" | sed 's/^/    metrics.jsonl: /' >> "$SUMMARY"
 fi
-step pytest 100 "$PY" -m pytest -q -x tests/test_train.py tests/test_postprocess.py tests/test_models.py \
+step pytest 70 "$PY" -m pytest -q -x tests/test_train.py tests/test_postprocess.py tests/test_models.py \
   -p no:xdist
-step input_pipeline 90 "$PY" benchmarks/input_pipeline.py --train --steps=5 --workers=0,8 --runs=3
+step input_pipeline 40 "$PY" benchmarks/input_pipeline.py --train --steps=5 --workers=0,8 --runs=3
 log "total ${SECONDS}s$([[ "$DRY" == 1 ]] && echo ", at most $((DRY_USED + 10))s if every step ran to its limit")"
