@@ -229,6 +229,7 @@ def restore_newest_good(mngr: ocp.CheckpointManager, restore: Callable[[int], di
 # Every other field changes what is trained.
 SAFE_TO_CHANGE = ("train.num_steps", "train.log_every", "train.eval_every",
                   "train.checkpoint_every", "train.keep_checkpoints", "train.process_timeout_s",
+                  "train.conv_weight_grad",
                   "eval.", "postprocess.",
                   "data.data_dir", "data.eval", "model.pretrained")
 # Fields that define the parameters' shapes or the optimizer state's layout (freezing): never

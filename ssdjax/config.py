@@ -305,6 +305,10 @@ SCHEMA: dict[str, Any] = {
                           _one_of("stop", "skip")),
         "max_skipped_steps": F(10, "on_nonfinite='skip': the run stops when more steps than "
                                "this were skipped", _at_least(0)),
+        "conv_weight_grad": F("auto", "how the train step computes convolution weight "
+                              "gradients: 'taps' (a matrix product per kernel tap, faster on "
+                              "XLA:CPU), 'xla' (XLA's backward-filter convolution); 'auto' = "
+                              "taps on CPU, xla elsewhere", _one_of("auto", "taps", "xla")),
         # Multi-process runs (docs/multihost.md).
         "process_timeout_s": F(60.0, "several processes: one not heard from for this many "
                                "seconds is lost and the others exit naming it; also the longest "

@@ -44,6 +44,7 @@ from ssdjax import freeze
 from ssdjax import losses
 from ssdjax import matching
 from ssdjax import models
+from ssdjax.models import conv as conv_lib
 from ssdjax import postprocess
 from ssdjax.errors import UserError
 
@@ -218,6 +219,7 @@ def make_train_step(config, model, tx, anchors, *, augment_on_device: bool = Fal
   loss_fn = losses.from_config(config)
   schedule = make_schedule(config)
   switches = {k: config.augment[k] for k in augment.SWITCHES}
+  tap_grads = conv_lib.resolve(config.train.conv_weight_grad)
 
   def augmented(step_index, batch):
     return augment.augment_batch(
@@ -234,7 +236,7 @@ def make_train_step(config, model, tx, anchors, *, augment_on_device: bool = Fal
     def objective(params):
       variables = dict(_variables(state), params=params)
       mutable = ["batch_stats"] if state["batch_stats"] else []
-      with freeze.frozen_batchnorm(config, params):
+      with freeze.frozen_batchnorm(config, params), conv_lib.tap_weight_grad(tap_grads):
         (loc, logits), new_vars = model.apply(variables, batch["images"], train=True,
                                               mutable=mutable)
       loss, aux = loss_fn(loc, logits, loc_t, cls_t)

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from ssdjax import registry
+from ssdjax.models import conv as conv_lib
 
 Dtype = Any
 
@@ -75,7 +76,7 @@ class ConvBN(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool):
-    x = nn.Conv(self.features, (self.kernel, self.kernel), self.stride, self.padding,
+    x = conv_lib.Conv(self.features, (self.kernel, self.kernel), self.stride, self.padding,
                 feature_group_count=self.groups, use_bias=False, kernel_init=kaiming_fan_out,
                 dtype=self.dtype, name="conv")(x)
     x = nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
@@ -128,7 +129,7 @@ class VGG16(nn.Module):
   def __call__(self, x, train: bool = False):
     del train  # no BatchNorm or dropout
     _check_levels(self.num_levels, 2, 7, "vgg16")
-    conv = lambda f, k, name, **kw: nn.Conv(f, (k, k), kernel_init=xavier_uniform, dtype=self.dtype,
+    conv = lambda f, k, name, **kw: conv_lib.Conv(f, (k, k), kernel_init=xavier_uniform, dtype=self.dtype,
                                              name=name, **kw)
     feats = []
     for s, widths in enumerate(self.STAGES, start=1):

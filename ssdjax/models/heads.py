@@ -29,6 +29,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from ssdjax import registry
+from ssdjax.models import conv as conv_lib
 from ssdjax.models.backbones import ConvBN, xavier_uniform
 
 Dtype = Any
@@ -97,7 +98,7 @@ class ConvHead(Head):
     c = self.num_classes
     loc, logits = [], []
     for i, (x, k) in enumerate(zip(features, self.anchors_per_location)):
-      conv = lambda f, name, **kw: nn.Conv(f, (self.KERNEL, self.KERNEL), padding=self.KERNEL // 2,
+      conv = lambda f, name, **kw: conv_lib.Conv(f, (self.KERNEL, self.KERNEL), padding=self.KERNEL // 2,
                                            kernel_init=xavier_uniform, dtype=self.dtype, name=name, **kw)
       loc.append(to_anchor_order(conv(k * 4, f"loc_{i}")(x), 4))
       logits.append(to_anchor_order(conv(k * c, f"conf_{i}", bias_init=self._class_bias())(x), c))
@@ -157,7 +158,7 @@ class SharedHead(Head):
           f"anchors per location, got {tuple(self.anchors_per_location)}; give every level the same "
           "number of config.anchors.aspect_ratios (and keep config.anchors.max_sizes for all or none)")
     k, c = ks.pop(), self.num_classes
-    conv = lambda f, kernel, name, **kw: nn.Conv(f, (kernel, kernel), padding=kernel // 2,
+    conv = lambda f, kernel, name, **kw: conv_lib.Conv(f, (kernel, kernel), padding=kernel // 2,
                                                  kernel_init=xavier_uniform, dtype=self.dtype,
                                                  name=name, **kw)
     # Created once, called on every level: one set of parameters.
@@ -198,9 +199,9 @@ class SSDLiteHead(Head):
           y = ConvBN(cin, 3, groups=cin, act=nn.relu6, bn_momentum=0.97, bn_epsilon=1e-3,
                      dtype=self.dtype, name=f"{branch}_{i}_dw")(x, train)
         else:
-          y = nn.Conv(cin, (3, 3), padding=1, feature_group_count=cin, kernel_init=xavier_uniform,
+          y = conv_lib.Conv(cin, (3, 3), padding=1, feature_group_count=cin, kernel_init=xavier_uniform,
                       dtype=self.dtype, name=f"{branch}_{i}_dw")(x)
-        y = nn.Conv(k * n, (1, 1), kernel_init=xavier_uniform, bias_init=bias_init, dtype=self.dtype,
+        y = conv_lib.Conv(k * n, (1, 1), kernel_init=xavier_uniform, bias_init=bias_init, dtype=self.dtype,
                     name=f"{branch}_{i}")(y)
         outs.append(to_anchor_order(y, n))
       loc.append(outs[0])

@@ -42,6 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ssdjax.models import backbones
+from ssdjax.models import conv as conv_lib
 # The helpers every built-in backbone shares.
 from ssdjax.models.backbones import (  # pylint: disable=protected-access
     _check_levels, _extra_channels, _make_divisible)
@@ -102,7 +103,7 @@ class ConvBNAct(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool):
     p = (self.kernel - 1) // 2
-    x = nn.Conv(self.features, (self.kernel, self.kernel), self.stride, ((p, p), (p, p)),
+    x = conv_lib.Conv(self.features, (self.kernel, self.kernel), self.stride, ((p, p), (p, p)),
                 feature_group_count=self.groups, use_bias=False, kernel_init=self.kernel_init,
                 dtype=self.dtype, name="conv")(x)
     x = nn.BatchNorm(use_running_average=not train, momentum=_BN_MOMENTUM, epsilon=_BN_EPSILON,
@@ -117,7 +118,7 @@ class SqueezeExcitation(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    conv = lambda f, name: nn.Conv(f, (1, 1), kernel_init=backbones.kaiming_fan_out,
+    conv = lambda f, name: conv_lib.Conv(f, (1, 1), kernel_init=backbones.kaiming_fan_out,
                                    dtype=self.dtype, name=name)
     s = jnp.mean(x, axis=(1, 2), keepdims=True)  # [B, 1, 1, C]
     s = conv(x.shape[-1], "fc2")(nn.relu(conv(self.squeeze, "fc1")(s)))
