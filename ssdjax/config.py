@@ -324,6 +324,9 @@ SCHEMA: dict[str, Any] = {
         "coco_backend": F("numpy", "COCO scorer: 'numpy' (vectorized, equal to pycocotools), "
                           "'pycocotools' or 'faster_coco_eval' (needs that package)",
                           _one_of("numpy", "pycocotools", "faster_coco_eval")),
+        "overlap": F(True, "during training, score an evaluation (on the host) in a background "
+                     "thread while the next steps train; the detections are made first, and the "
+                     "final evaluation is waited for"),
     },
 }
 del F

@@ -445,11 +445,26 @@ def evaluate(trainer: Trainer, variables) -> tuple[dict, list]:
   gathered in every process and scored there, each image once, so every process returns the
   metrics one process would.
   """
+  gt, dets = detect_eval_split(trainer, variables)
+  return score(trainer.config, gt, dets), dets
+
+
+def score(config: ml_collections.ConfigDict, gt: list, dets: list) -> dict[str, float]:
+  """The ``config.eval.metrics`` of detections ``dets`` against ground truth ``gt`` (host only)."""
+  if not config.eval.metrics:
+    return {}
+  return evaluation.evaluate(gt, dets, tuple(config.class_names),
+                             metrics=tuple(config.eval.metrics),
+                             backend=config.eval.coco_backend)
+
+
+def detect_eval_split(trainer: Trainer, variables) -> tuple[list, list]:
+  """(ground truth, detection records) of the eval split: the device part of :func:`evaluate`."""
   from ssdjax import data  # the input pipeline is only needed by the loop and the CLIs
 
   config = trainer.config
   if not config.eval.metrics:
-    return {}, []
+    return [], []
   gt = data.eval_ground_truth(config)
   position = {g["image_id"]: i for i, g in enumerate(gt)}
   local = []  # per batch: this process's rows, padding at position -1
@@ -477,10 +492,7 @@ def evaluate(trainer: Trainer, variables) -> tuple[dict, list]:
     dets.append({"image_id": int(gt[rows["position"][r]]["image_id"]),
                  "boxes": rows["boxes"][r, :n], "scores": rows["scores"][r, :n],
                  "labels": rows["classes"][r, :n]})
-  metrics = evaluation.evaluate(gt, dets, tuple(config.class_names),
-                                metrics=tuple(config.eval.metrics),
-                                backend=config.eval.coco_backend)
-  return metrics, dets
+  return gt, dets
 
 
 # ----------------------------------------------------------------------------------------------
@@ -509,6 +521,65 @@ class MetricsWriter:
   def close(self) -> None:
     if self._tb is not None:
       self._tb.close()
+
+
+class EvalScorer:
+  """Scores the evaluations made during training, in one background thread when ``overlap``.
+
+  The detections are made on the devices first (the model is in use there); scoring them on the
+  host (pycocotools-equal COCO and VOC metrics, seconds for thousands of images) then runs while
+  training goes on. Results are logged and written from the loop's thread, in step order, as soon
+  as they are ready (:meth:`poll`); the final evaluation, :meth:`close` and an error in scoring
+  wait for every earlier one, so no metrics are lost and none is written out of order.
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict, writer: MetricsWriter, overlap: bool):
+    self.config = config
+    self.writer = writer
+    self._pool = None
+    if overlap:
+      from concurrent import futures  # pylint: disable=g-import-not-at-top
+      self._pool = futures.ThreadPoolExecutor(1, thread_name_prefix="ssdjax-eval-scoring")
+    self._pending = collections.deque()  # (step, seconds detecting, future of (metrics, seconds))
+
+  def _timed_score(self, gt, dets):
+    t0 = time.perf_counter()
+    metrics = score(self.config, gt, dets)
+    return metrics, time.perf_counter() - t0
+
+  def submit(self, step: int, gt: list, dets: list, t_detect: float, *,
+             wait: bool = False) -> dict[str, float] | None:
+    """Scores one evaluation; returns its metrics when ``wait`` (or not overlapping), else None."""
+    if self._pool is None or wait:
+      self.poll(block=True)
+      metrics, t_score = self._timed_score(gt, dets)
+      self._report(step, metrics, t_detect, t_score, background=False)
+      return metrics
+    self._pending.append((step, t_detect, self._pool.submit(self._timed_score, gt, dets)))
+    return None
+
+  def poll(self, block: bool = False) -> None:
+    """Reports the finished evaluations (all of them when ``block``), oldest first."""
+    while self._pending and (block or self._pending[0][2].done()):
+      step, t_detect, future = self._pending.popleft()
+      metrics, t_score = future.result()  # an error in scoring is raised here
+      self._report(step, metrics, t_detect, t_score, background=True)
+
+  def _report(self, step, metrics, t_detect, t_score, background):
+    logging.info("eval at step %d (detection %.1fs, scoring %.1fs%s): %s", step, t_detect,
+                 t_score, " beside training" if background else "",
+                 ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if "/AP/" not in k))
+    self.writer.write(step, {f"eval/{k}": v for k, v in metrics.items()})
+
+  def close(self) -> None:
+    """Waits for the evaluations still being scored and writes them; errors are logged."""
+    try:
+      self.poll(block=True)
+    except Exception as e:  # pylint: disable=broad-except
+      logging.error("scoring an evaluation failed: %s: %s", type(e).__name__, e)
+    finally:
+      if self._pool is not None:
+        self._pool.shutdown(wait=True)
 
 
 class _QuietCheckpointLogs:
@@ -803,13 +874,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        state=state)
       saved_at[0] = step_now
 
-  def run_eval(step_now: int) -> dict[str, float]:
+  scorer = EvalScorer(config, writer, overlap=config.eval.overlap)
+
+  def run_eval(step_now: int, *, wait: bool = False) -> dict[str, float] | None:
     t0 = time.perf_counter()
-    metrics, _ = evaluate(trainer, trainer.variables(state))
-    logging.info("eval at step %d (%.1fs): %s", step_now, time.perf_counter() - t0,
-                 ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if "/AP/" not in k))
-    writer.write(step_now, {f"eval/{k}": v for k, v in metrics.items()})
-    return metrics
+    gt, dets = detect_eval_split(trainer, trainer.variables(state))
+    return scorer.submit(step_now, gt, dets, time.perf_counter() - t0, wait=wait)
 
   # --- Loop.
   final: dict[str, float] = {}
@@ -854,12 +924,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         save(done)
       if _due(done, config.train.eval_every) and done != total:
         run_eval(done)
+      scorer.poll()
     if stop.stop_at(total):
       _save_and_exit(save, total, stop.signum)
     if bar is not None:
       bar.close()
-    final.update(run_eval(total))
+    final.update(run_eval(total, wait=True))
   finally:
+    scorer.close()
     stop.restore()
     mngr.wait_until_finished()
     mngr.close()

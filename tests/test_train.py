@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import chex
@@ -335,3 +336,42 @@ def test_zero_periods_mean_only_at_the_end(tmp_path):
   config = small_config(**{"train.num_steps": 2, "eval.metrics": ()})
   final = train.train_and_evaluate(config, str(tmp_path / "noeval"), progress=False)
   assert set(final) == {"train/loss"}
+
+
+def test_evaluation_is_scored_beside_training(tmp_path, monkeypatch):
+  """With eval.overlap, scoring the step-2 evaluation runs in another thread while steps 3.. train:
+  the patched scorer waits until the loop has written step 4's training metrics, which it could
+  never do if the loop waited for it. The metrics equal those scored in the loop's own thread."""
+  real_score = train.score
+  seen = []
+
+  def score_after_training_moved_on(config, gt, dets):
+    path = os.path.join(str(tmp_path / "overlap"), "metrics.jsonl")
+    deadline = time.time() + 120
+    moved_on = False
+    while time.time() < deadline and not moved_on:
+      with open(path) as f:
+        moved_on = any(json.loads(line).get("step", 0) >= 4 for line in f)
+      time.sleep(0.05)
+    seen.append((threading.current_thread().name, moved_on))
+    return real_score(config, gt, dets)
+
+  def eval_rows(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+      return [r for r in map(json.loads, f) if "eval/voc07/mAP" in r]
+
+  overrides = {"train.num_steps": 6, "train.log_every": 1, "train.eval_every": 2,
+               "train.checkpoint_every": 0}
+  monkeypatch.setattr(train, "score", score_after_training_moved_on)
+  train.train_and_evaluate(small_config(**overrides), str(tmp_path / "overlap"), progress=False)
+  monkeypatch.setattr(train, "score", real_score)
+  # Step 2's and step 4's scoring ran in the background thread after the loop moved on; the
+  # final (step 6) evaluation was scored in the loop's thread.
+  assert seen[0] == ("ssdjax-eval-scoring_0", True), seen
+  assert seen[-1][0] == threading.current_thread().name, seen
+  overlapped = eval_rows(str(tmp_path / "overlap"))
+  assert [r["step"] for r in overlapped] == [2, 4, 6]
+
+  overrides["eval.overlap"] = False
+  train.train_and_evaluate(small_config(**overrides), str(tmp_path / "inline"), progress=False)
+  assert overlapped == eval_rows(str(tmp_path / "inline"))
