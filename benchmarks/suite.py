@@ -32,6 +32,7 @@ Rows:
 from __future__ import annotations
 
 import argparse
+import ctypes
 import datetime
 import json
 import os
@@ -387,6 +388,8 @@ def memory_child(args, device, framework, mode) -> float:
       call()
       peak = jax.devices("gpu")[0].memory_stats()["peak_bytes_in_use"] - before
   else:
+    # Freed heap memory that malloc kept from the warm-up call would hide the call's working set.
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
     before = _rss_bytes()
     with open("/proc/self/clear_refs", "w") as f:
       f.write("5")  # resets the high-water mark VmHWM to the current RSS
