@@ -400,6 +400,11 @@ def memory_child(args, device, framework, mode) -> float:
   return per_image
 
 
+def _less_or_more(tv: float, jx: float) -> str:
+  """ssdjax's memory against torchvision's, as 'N.NNx less' or 'N.NNx more'."""
+  return f"{tv / jx:.2f}x less" if jx <= tv else f"{jx / tv:.2f}x more"
+
+
 def memory_rows(args, device) -> list[str]:
   out = []
   for mode in ("train", "inference"):
@@ -415,7 +420,7 @@ def memory_rows(args, device) -> list[str]:
     tv, jx = got["torchvision"], got["ssdjax"]
     print(f"  peak memory per image, {mode}: torchvision {tv / 2**20:.0f} MiB, ssdjax {jx / 2**20:.0f} MiB")
     out.append(f"| peak memory per image, {mode} (batch {args.batch_size}) | {tv / 2**20:,.0f} MiB | "
-               f"{jx / 2**20:,.0f} MiB | | {tv / jx:.2f}x less | {'device' if device == 'cuda' else 'resident'} "
+               f"{jx / 2**20:,.0f} MiB | | {_less_or_more(tv, jx)} | {'device' if device == 'cuda' else 'resident'} "
                "memory above the ready state, one call |")
   return out
 
