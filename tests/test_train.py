@@ -375,3 +375,32 @@ def test_evaluation_is_scored_beside_training(tmp_path, monkeypatch):
   overrides["eval.overlap"] = False
   train.train_and_evaluate(small_config(**overrides), str(tmp_path / "inline"), progress=False)
   assert overlapped == eval_rows(str(tmp_path / "inline"))
+
+
+def test_an_evaluation_being_scored_is_written_when_the_run_stops(tmp_path, monkeypatch):
+  """The input fails right after step 3, while step 2's evaluation is still being scored in the
+  background: the run raises, and step 2's metrics are written first, not lost."""
+  real_score, real_next = train.score, train.DevicePrefetch.__next__
+  calls = []
+
+  def slow_score(config, gt, dets):
+    time.sleep(3)
+    return real_score(config, gt, dets)
+
+  def failing_next(self):
+    calls.append(1)
+    if len(calls) == 4:
+      raise RuntimeError("input failed")
+    return real_next(self)
+
+  monkeypatch.setattr(train, "score", slow_score)
+  monkeypatch.setattr(train.DevicePrefetch, "__next__", failing_next)
+  workdir = str(tmp_path / "run")
+  config = small_config(**{"train.num_steps": 6, "train.log_every": 1, "train.eval_every": 2,
+                           "train.checkpoint_every": 0})
+  with pytest.raises(RuntimeError, match="input failed"):
+    train.train_and_evaluate(config, workdir, progress=False)
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    rows = [json.loads(line) for line in f]
+  assert [r["step"] for r in rows if "train/loss" in r] == [1, 2, 3]
+  assert [r["step"] for r in rows if "eval/voc07/mAP" in r] == [2]
